@@ -1,0 +1,79 @@
+//! The `downlink` binary: parses the command line, loads settings, builds the logger and calls
+//! into the library.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use slog::{error, info};
+
+use downlink::settings::Settings;
+use downlink::{db, logging, server};
+
+/// downlink: runs orchestrator tasks as ansible-playbook processes and records every result.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Settings file (TOML) laid over the built-in defaults; DOWNLINK_* variables override both.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending migrations, then serve the API.
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Print the effective settings (secrets redacted) and exit.
+    Settings,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("downlink: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log = logging::root(&settings);
+    let result = match cli.command {
+        Command::Serve => serve(settings, &log),
+        Command::Migrate => server::prepare(settings, &log).map(|_| ()),
+        Command::Settings => {
+            let mut shown = settings.clone();
+            shown.database_url = db::redact(&shown.database_url);
+            println!("{shown:#?}");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(log, "downlink stopped"; "error" => format!("{e:#}"));
+            // Let the async drain write the line before exiting.
+            drop(log);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            eprintln!("downlink: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(settings: Settings, log: &slog::Logger) -> anyhow::Result<()> {
+    let bind = settings.bind.clone();
+    let prepared = server::prepare(settings, log)?;
+    let listener = TcpListener::bind(&bind).with_context(|| format!("binding {bind}"))?;
+    info!(log, "listening"; "address" => listener.local_addr()?.to_string());
+    actix_web::rt::System::new()
+        .block_on(server::run(prepared, listener, log.clone(), true, |_| {}))
+        .context("server")?;
+    info!(log, "stopped");
+    Ok(())
+}

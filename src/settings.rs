@@ -1,0 +1,237 @@
+//! Typed settings, layered: the compiled-in `config/default.toml`, then an optional file given with
+//! `--config`, then `DOWNLINK_<KEY>` environment variables. Every layer is merged as TOML before the
+//! struct is decoded once with unknown keys rejected, so a typo in any layer stops the start with the
+//! key named instead of being silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so the binary runs from any directory.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "DOWNLINK_";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured when the output is a terminal.
+    Terminal,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every setting of the server; see `config/default.toml` for what each one means.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub bind: String,
+    pub workers: usize,
+    pub database_url: String,
+    pub pool_size: u32,
+    pub ansible_playbook: String,
+    pub ansible_env: BTreeMap<String, String>,
+    pub ansible_python_interpreter: String,
+    pub ssh_private_key: String,
+    pub ssh_port: u16,
+    pub ssh_common_args: String,
+    pub run_dir: PathBuf,
+    pub max_forks: u32,
+    pub max_fork_num: u32,
+    pub max_nodes: usize,
+    pub task_time_limit_secs: u64,
+    pub stop_grace_secs: u64,
+    pub parallel_run_timeout_secs: u64,
+    pub body_limit: usize,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("settings file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// The compiled-in defaults alone.
+    pub fn defaults() -> Settings {
+        // The defaults are part of the binary and covered by tests; failing here is a build defect.
+        Self::load(None, std::iter::empty()).expect("compiled-in config/default.toml is valid")
+    }
+
+    /// Defaults, then `file`, then the `DOWNLINK_*` variables among `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let mut table = parse_table("config/default.toml (built in)", DEFAULTS)?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let layer = parse_table(&path.display().to_string(), &text)?;
+            for (key, value) in layer {
+                if !table.contains_key(&key) {
+                    return Err(SettingsError::Invalid(format!(
+                        "unknown key `{key}` in {}",
+                        path.display()
+                    )));
+                }
+                table.insert(key, value);
+            }
+        }
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            let Some(current) = table.get(&key) else {
+                return Err(SettingsError::Invalid(format!(
+                    "unknown setting in environment variable {name}"
+                )));
+            };
+            let value = env_value(current, &raw).map_err(|message| {
+                SettingsError::Invalid(format!("environment variable {name}: {message}"))
+            })?;
+            table.insert(key, value);
+        }
+        let settings: Settings = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| SettingsError::Invalid(e.message().to_owned()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |m: &str| Err(SettingsError::Invalid(m.to_owned()));
+        if self.max_forks == 0 {
+            return bad("max_forks must be at least 1");
+        }
+        if self.max_fork_num == 0 {
+            return bad("max_fork_num must be at least 1");
+        }
+        if self.max_nodes == 0 {
+            return bad("max_nodes must be at least 1");
+        }
+        if self.pool_size < 2 {
+            return bad("pool_size must be at least 2 (one writer, one reader)");
+        }
+        if self.task_time_limit_secs == 0 || self.parallel_run_timeout_secs == 0 {
+            return bad("time limits must be at least 1 second");
+        }
+        if self.body_limit < 1024 {
+            return bad("body_limit must be at least 1024 bytes");
+        }
+        if self.ansible_playbook.is_empty() {
+            return bad("ansible_playbook must not be empty");
+        }
+        crate::logging::parse_level(&self.log_level).map(|_| ())
+    }
+
+    /// The database URL actually used: the setting, or the embedded SQLite file.
+    pub fn effective_database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            "sqlite://data/downlink.sqlite3".to_owned()
+        } else {
+            self.database_url.clone()
+        }
+    }
+}
+
+fn parse_table(origin: &str, text: &str) -> Result<toml::Table, SettingsError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| SettingsError::Parse {
+            path: origin.to_owned(),
+            message: e.message().to_owned(),
+        })
+}
+
+/// An environment value takes the type of the default it replaces: strings are used verbatim,
+/// anything else is read as a TOML value (`20`, `true`, `{ A = "b" }`).
+fn env_value(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    if current.is_str() {
+        return Ok(toml::Value::String(raw.to_owned()));
+    }
+    let doc = format!("v = {raw}");
+    let mut table = doc
+        .parse::<toml::Table>()
+        .map_err(|_| format!("`{raw}` is not a valid {}", current.type_str()))?;
+    table
+        .remove("v")
+        .ok_or_else(|| format!("`{raw}` is not a valid value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_decode() {
+        let s = Settings::defaults();
+        assert_eq!(s.bind, "127.0.0.1:8080");
+        assert_eq!(s.max_fork_num, 500);
+        assert_eq!(s.log_format, LogFormat::Terminal);
+    }
+
+    #[test]
+    fn environment_overrides_with_types() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("DOWNLINK_MAX_FORKS", "7"),
+                ("DOWNLINK_BIND", "127.0.0.1:9"),
+                ("DOWNLINK_ANSIBLE_ENV", "{ A = \"b\" }"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.max_forks, 7);
+        assert_eq!(s.bind, "127.0.0.1:9");
+        assert_eq!(s.ansible_env.get("A").map(String::as_str), Some("b"));
+    }
+
+    #[test]
+    fn unknown_environment_key_is_named() {
+        let err = Settings::load(None, env(&[("DOWNLINK_MAX_FORK", "7")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid settings: unknown setting in environment variable DOWNLINK_MAX_FORK"
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("dl-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.toml");
+        std::fs::write(&path, "max_forsk = 3\n").unwrap();
+        let err = Settings::load(Some(&path), Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("unknown key `max_forsk`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected() {
+        let err = Settings::load(None, env(&[("DOWNLINK_MAX_FORKS", "many")])).unwrap_err();
+        assert!(err.to_string().contains("DOWNLINK_MAX_FORKS"), "{err}");
+    }
+}
