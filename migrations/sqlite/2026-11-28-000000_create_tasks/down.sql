@@ -1,0 +1,5 @@
+DROP TRIGGER tasks_status_forward;
+DROP TABLE task_events;
+DROP TABLE task_hosts;
+DROP TABLE tasks;
+DROP TABLE task_statuses;

@@ -1,0 +1,195 @@
+//! Connections: one diesel code path over PostgreSQL (production) and SQLite (the embedded default)
+//! through `#[derive(MultiConnection)]`, an r2d2 pool, and the two embedded migration trees.
+//!
+//! The backend is chosen from the URL scheme here rather than by `MultiConnection::establish`,
+//! which tries every variant in turn and throws the real error away (a wrong PostgreSQL password
+//! would read "Invalid connection url for multiconnection").
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{self, CustomizeConnection, ManageConnection};
+use diesel::{PgConnection, SqliteConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+/// A connection to either backend.
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// The connection pool shared by the writer and the readers.
+pub type Pool = r2d2::Pool<Manager>;
+/// A connection checked out of the pool.
+pub type PooledConn = r2d2::PooledConnection<Manager>;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// Which database a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+}
+
+/// Why the database could not be opened or migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database URL must start with postgres://, postgresql:// or sqlite:// (got `{0}`)")]
+    Scheme(String),
+    #[error("cannot create directory {0} for the SQLite database: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("cannot apply migrations: {0}")]
+    Migrate(String),
+}
+
+impl Target {
+    /// Reads a database URL.
+    pub fn parse(url: &str) -> Result<Target, DbError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Target::Postgres(url.to_owned()))
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            Ok(Target::Sqlite(PathBuf::from(path)))
+        } else {
+            Err(DbError::Scheme(redact(url)))
+        }
+    }
+
+    /// A description safe to log (no password).
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Postgres(url) => format!("postgresql {}", redact(url)),
+            Target::Sqlite(path) => format!("sqlite {}", path.display()),
+        }
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Opens connections of the backend the URL names, keeping the backend's own error.
+#[derive(Debug)]
+pub struct Manager {
+    target: Target,
+}
+
+impl ManageConnection for Manager {
+    type Connection = DbConnection;
+    type Error = r2d2::Error;
+
+    fn connect(&self) -> Result<DbConnection, r2d2::Error> {
+        match &self.target {
+            Target::Postgres(url) => PgConnection::establish(url).map(DbConnection::Pg),
+            Target::Sqlite(path) => {
+                SqliteConnection::establish(&path.to_string_lossy()).map(DbConnection::Sqlite)
+            }
+        }
+        .map_err(r2d2::Error::ConnectionError)
+    }
+
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), r2d2::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
+        false
+    }
+}
+
+/// SQLite needs WAL (readers beside the writer), a busy timeout and foreign keys on every connection.
+#[derive(Debug)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<DbConnection, r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut DbConnection) -> Result<(), r2d2::Error> {
+        if let DbConnection::Sqlite(c) = conn {
+            c.batch_execute(
+                "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+                 PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+            )
+            .map_err(r2d2::Error::QueryError)?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds the pool, creating the SQLite file's directory when needed. Fails if no connection can
+/// be made within `timeout`.
+pub fn pool(target: &Target, size: u32, timeout: Duration) -> Result<Pool, DbError> {
+    if let Target::Sqlite(path) = target {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.to_owned(), e))?;
+        }
+    }
+    r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(1))
+        .connection_timeout(timeout)
+        .connection_customizer(Box::new(SqlitePragmas))
+        .build(Manager {
+            target: target.clone(),
+        })
+        .map_err(|e| DbError::Connect(e.to_string()))
+}
+
+/// Applies every pending migration of the connection's backend; returns the versions applied.
+pub fn migrate(conn: &mut DbConnection) -> Result<Vec<String>, DbError> {
+    let applied = match conn {
+        DbConnection::Pg(c) => c.run_pending_migrations(PG_MIGRATIONS),
+        DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+    }
+    .map_err(|e| DbError::Migrate(e.to_string()))?;
+    Ok(applied.into_iter().map(|v| v.to_string()).collect())
+}
+
+/// Whether a path is a SQLite database in the default location (used in log lines).
+pub fn is_default_sqlite(target: &Target) -> bool {
+    matches!(target, Target::Sqlite(p) if p == Path::new("data/downlink.sqlite3"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://dl:secret@127.0.0.1/db"),
+            "postgres://dl:***@127.0.0.1/db"
+        );
+        assert_eq!(redact("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
+    }
+
+    #[test]
+    fn scheme_decides_backend() {
+        assert_eq!(
+            Target::parse("sqlite://data/x.db").unwrap(),
+            Target::Sqlite(PathBuf::from("data/x.db"))
+        );
+        assert!(matches!(
+            Target::parse("postgresql://h/db").unwrap(),
+            Target::Postgres(_)
+        ));
+        assert!(Target::parse("mysql://h/db").is_err());
+    }
+}

@@ -1,0 +1,379 @@
+//! The store: plain functions over one database connection, the same code for both backends.
+//! Persistence calls the writing ones (it is the only writer); read-only handlers call the reading
+//! ones through `web::block`.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+
+use crate::db::DbConnection;
+use crate::schema::{task_events, task_hosts, tasks};
+use crate::status::Status;
+
+/// A task row.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = tasks)]
+pub struct Task {
+    pub id: i64,
+    pub name: String,
+    pub nodes: String,
+    pub remote_user: String,
+    pub content: String,
+    pub params: String,
+    pub fork_num: i32,
+    pub forks: i32,
+    pub status: i32,
+    pub err: Option<String>,
+    pub correlation_id: String,
+    pub source: String,
+    pub created_at: NaiveDateTime,
+    pub started_at: Option<NaiveDateTime>,
+    pub ended_at: Option<NaiveDateTime>,
+    pub updated_at: NaiveDateTime,
+    pub exit_code: Option<i32>,
+    pub pid: Option<i32>,
+    pub pid_start_time: Option<i64>,
+    pub events_offset: i64,
+    pub instance: Option<String>,
+}
+
+/// A new task, as validated from a request.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = tasks)]
+pub struct NewTask {
+    pub name: String,
+    pub nodes: String,
+    pub remote_user: String,
+    pub content: String,
+    pub params: String,
+    pub fork_num: i32,
+    pub forks: i32,
+    pub status: i32,
+    pub correlation_id: String,
+    pub source: String,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+/// A per-host result row.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = task_hosts)]
+pub struct HostRow {
+    pub id: i64,
+    pub task_id: i64,
+    pub host: String,
+    pub result: Option<String>,
+    pub ok: i32,
+    pub changed: i32,
+    pub failed: i32,
+    pub unreachable: i32,
+    pub skipped: i32,
+    pub rescued: i32,
+    pub ignored: i32,
+    pub msg: Option<String>,
+    pub correlation_id: String,
+    pub source: String,
+    pub created_at: NaiveDateTime,
+    pub ended_at: Option<NaiveDateTime>,
+}
+
+/// What a task knows of one host: written over the host's row. `None` fields are left as they
+/// are (a result, message or time once known is never taken back).
+#[derive(Debug, Clone, PartialEq, Default, AsChangeset)]
+#[diesel(table_name = task_hosts)]
+pub struct HostState {
+    #[diesel(skip_update)]
+    pub host: String,
+    pub result: Option<String>,
+    pub ok: i32,
+    pub changed: i32,
+    pub failed: i32,
+    pub unreachable: i32,
+    pub skipped: i32,
+    pub rescued: i32,
+    pub ignored: i32,
+    pub msg: Option<String>,
+    pub created_at: Option<NaiveDateTime>,
+    pub ended_at: Option<NaiveDateTime>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = task_hosts)]
+struct NewHost<'a> {
+    task_id: i64,
+    host: &'a str,
+    result: Option<&'a str>,
+    correlation_id: &'a str,
+    source: &'a str,
+    created_at: NaiveDateTime,
+    ended_at: Option<NaiveDateTime>,
+}
+
+/// One event of a task's stream.
+#[derive(Debug, Clone, PartialEq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = task_events)]
+pub struct NewEvent {
+    pub task_id: i64,
+    pub seq: i32,
+    pub host: Option<String>,
+    pub kind: String,
+    pub task_name: Option<String>,
+    pub payload: String,
+    pub created_at: NaiveDateTime,
+}
+
+/// The end of a task, written in one transaction.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: i64,
+    pub status: Status,
+    pub err: Option<String>,
+    pub exit_code: Option<i32>,
+    pub ended_at: NaiveDateTime,
+    /// Final state of every node: rows that do not exist yet are created.
+    pub hosts: Vec<HostState>,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("task name is duplicate")]
+    Duplicate,
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Query(#[from] DieselError),
+}
+
+impl From<diesel::r2d2::PoolError> for StoreError {
+    fn from(e: diesel::r2d2::PoolError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Inserts a task; its id once committed.
+pub fn insert_task(conn: &mut DbConnection, new: &NewTask) -> Result<i64, StoreError> {
+    diesel::insert_into(tasks::table)
+        .values(new)
+        .returning(tasks::id)
+        .get_result(conn)
+        .map_err(|e| match e {
+            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+                StoreError::Duplicate
+            }
+            other => StoreError::Query(other),
+        })
+}
+
+/// The task with this id.
+pub fn get_task(conn: &mut DbConnection, id: i64) -> Result<Option<Task>, StoreError> {
+    Ok(tasks::table
+        .find(id)
+        .select(Task::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// Every task with one of these statuses, oldest first.
+pub fn tasks_with_status(
+    conn: &mut DbConnection,
+    statuses: &[i32],
+) -> Result<Vec<Task>, StoreError> {
+    Ok(tasks::table
+        .filter(tasks::status.eq_any(statuses))
+        .order(tasks::id.asc())
+        .select(Task::as_select())
+        .load(conn)?)
+}
+
+/// The host rows of a task in node order.
+pub fn task_hosts(conn: &mut DbConnection, task_id: i64) -> Result<Vec<HostRow>, StoreError> {
+    Ok(task_hosts::table
+        .filter(task_hosts::task_id.eq(task_id))
+        .order(task_hosts::id.asc())
+        .select(HostRow::as_select())
+        .load(conn)?)
+}
+
+/// The events of a task in order.
+pub fn task_events(conn: &mut DbConnection, task_id: i64) -> Result<Vec<NewEvent>, StoreError> {
+    Ok(task_events::table
+        .filter(task_events::task_id.eq(task_id))
+        .order(task_events::seq.asc())
+        .select(NewEvent::as_select())
+        .load(conn)?)
+}
+
+/// The newest `limit` records of `host` for tasks from `source`, oldest first.
+pub fn host_log(
+    conn: &mut DbConnection,
+    host: &str,
+    source: &str,
+    limit: i64,
+) -> Result<Vec<HostRow>, StoreError> {
+    let mut rows: Vec<HostRow> = task_hosts::table
+        .filter(task_hosts::host.eq(host))
+        .filter(task_hosts::source.eq(source))
+        .order((task_hosts::created_at.desc(), task_hosts::id.desc()))
+        .limit(limit)
+        .select(HostRow::as_select())
+        .load(conn)?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// Moves a task from pending to running and creates a row per node. False if the task was no
+/// longer pending (then nothing changes).
+#[allow(clippy::too_many_arguments)]
+pub fn mark_running(
+    conn: &mut DbConnection,
+    id: i64,
+    nodes: &[String],
+    started_at: NaiveDateTime,
+    pid: i32,
+    pid_start_time: i64,
+    instance: &str,
+) -> Result<bool, StoreError> {
+    conn.transaction(|conn| {
+        let changed = diesel::update(
+            tasks::table
+                .find(id)
+                .filter(tasks::status.eq_any(Status::Running.predecessors())),
+        )
+        .set((
+            tasks::status.eq(Status::Running.code()),
+            tasks::started_at.eq(started_at),
+            tasks::updated_at.eq(started_at),
+            tasks::pid.eq(pid),
+            tasks::pid_start_time.eq(pid_start_time),
+            tasks::instance.eq(instance),
+        ))
+        .execute(conn)?;
+        let task = match (changed, get_task(conn, id)?) {
+            (1, Some(task)) => task,
+            _ => return Ok(false),
+        };
+        for host in nodes {
+            insert_host(conn, &task, host, None, started_at, None)?;
+        }
+        Ok(true)
+    })
+}
+
+fn insert_host(
+    conn: &mut DbConnection,
+    task: &Task,
+    host: &str,
+    result: Option<&str>,
+    created_at: NaiveDateTime,
+    ended_at: Option<NaiveDateTime>,
+) -> Result<(), DieselError> {
+    diesel::insert_into(task_hosts::table)
+        .values(NewHost {
+            task_id: task.id,
+            host,
+            result,
+            correlation_id: &task.correlation_id,
+            source: &task.source,
+            created_at,
+            ended_at,
+        })
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// Writes the current state of some hosts of a running task.
+pub fn update_hosts(
+    conn: &mut DbConnection,
+    task_id: i64,
+    hosts: &[HostState],
+) -> Result<(), StoreError> {
+    conn.transaction(|conn| {
+        for state in hosts {
+            update_host(conn, task_id, state)?;
+        }
+        Ok(())
+    })
+}
+
+fn update_host(
+    conn: &mut DbConnection,
+    task_id: i64,
+    state: &HostState,
+) -> Result<usize, DieselError> {
+    diesel::update(
+        task_hosts::table
+            .filter(task_hosts::task_id.eq(task_id))
+            .filter(task_hosts::host.eq(&state.host)),
+    )
+    .set(state)
+    .execute(conn)
+}
+
+/// Appends events and records how far the events file has been read.
+pub fn insert_events(
+    conn: &mut DbConnection,
+    task_id: i64,
+    events: &[NewEvent],
+    offset: i64,
+) -> Result<(), StoreError> {
+    conn.transaction(|conn| {
+        // One statement per row: a multi-row VALUES is not available through MultiConnection.
+        for event in events {
+            diesel::insert_into(task_events::table)
+                .values(event)
+                .execute(conn)?;
+        }
+        diesel::update(tasks::table.find(task_id))
+            .set(tasks::events_offset.eq(offset))
+            .execute(conn)?;
+        Ok(())
+    })
+}
+
+/// Writes a task's end: every host's final state (creating rows for nodes never reached), then the
+/// status transition. False if the task had already ended (then nothing changes).
+pub fn finish(conn: &mut DbConnection, fin: &Finish) -> Result<bool, StoreError> {
+    conn.transaction(|conn| {
+        let Some(task) = get_task(conn, fin.id)? else {
+            return Ok(false);
+        };
+        if !fin.status.predecessors().contains(&task.status) {
+            return Ok(false);
+        }
+        for state in &fin.hosts {
+            // A host with no event of its own ends when the task does.
+            let mut state = state.clone();
+            state.ended_at.get_or_insert(fin.ended_at);
+            let state = &state;
+            if update_host(conn, task.id, state)? == 0 {
+                let created = state.created_at.unwrap_or(fin.ended_at);
+                insert_host(
+                    conn,
+                    &task,
+                    &state.host,
+                    state.result.as_deref(),
+                    created,
+                    Some(state.ended_at.unwrap_or(fin.ended_at)),
+                )?;
+                update_host(conn, task.id, state)?;
+            }
+        }
+        let changed = diesel::update(
+            tasks::table
+                .find(fin.id)
+                .filter(tasks::status.eq_any(fin.status.predecessors())),
+        )
+        .set((
+            tasks::status.eq(fin.status.code()),
+            tasks::err.eq(&fin.err),
+            tasks::exit_code.eq(fin.exit_code),
+            tasks::ended_at.eq(fin.ended_at),
+            tasks::updated_at.eq(fin.ended_at),
+            tasks::pid.eq(None::<i32>),
+            tasks::pid_start_time.eq(None::<i64>),
+        ))
+        .execute(conn)?;
+        Ok(changed == 1)
+    })
+}
