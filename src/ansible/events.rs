@@ -1,0 +1,334 @@
+//! The event stream: lines of `events.jsonl` written by the callback plugin, and the per-host
+//! state they add up to. The final `stats` event carries ansible's own counters (the PLAY RECAP);
+//! until it arrives, counters are summed from runner events so a stopped task still shows what ran.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::NaiveDateTime;
+use serde::Deserialize;
+
+use crate::store::HostState;
+use crate::time;
+
+/// Largest payload stored per event, in bytes; longer ones are cut and marked.
+pub const MAX_PAYLOAD: usize = 8192;
+/// Marker appended to a cut payload.
+pub const TRUNCATED: &str = "...[truncated]";
+/// Largest failure message kept per host, in characters.
+const MAX_MSG: usize = 1000;
+
+/// Ansible's counters for one host, as in PLAY RECAP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Counters {
+    pub ok: i32,
+    pub changed: i32,
+    pub failed: i32,
+    pub unreachable: i32,
+    pub skipped: i32,
+    pub rescued: i32,
+    pub ignored: i32,
+}
+
+#[derive(Debug, Deserialize)]
+struct Raw {
+    event: String,
+    time: Option<String>,
+    host: Option<String>,
+    task: Option<String>,
+    #[serde(default)]
+    changed: bool,
+    msg: Option<String>,
+    #[serde(default)]
+    ignore_errors: bool,
+    hosts: Option<BTreeMap<String, Counters>>,
+}
+
+/// One decoded event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: String,
+    pub time: NaiveDateTime,
+    pub host: Option<String>,
+    pub task: Option<String>,
+    pub changed: bool,
+    pub msg: Option<String>,
+    pub ignore_errors: bool,
+    pub stats: Option<BTreeMap<String, Counters>>,
+    /// The line as written, cut to `MAX_PAYLOAD`.
+    pub payload: String,
+}
+
+/// Decodes one line; `None` for a line that is not an event of the plugin.
+pub fn parse_line(line: &str) -> Option<Event> {
+    let raw: Raw = serde_json::from_str(line).ok()?;
+    let time = raw
+        .time
+        .as_deref()
+        .and_then(time::parse_event_time)
+        .unwrap_or_else(time::now);
+    Some(Event {
+        kind: raw.event,
+        time,
+        host: raw.host,
+        task: raw.task,
+        changed: raw.changed,
+        msg: raw.msg,
+        ignore_errors: raw.ignore_errors,
+        stats: raw.hosts,
+        payload: bounded(line, MAX_PAYLOAD),
+    })
+}
+
+/// `text` cut at a character boundary to at most `max` bytes, with the marker when cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(TRUNCATED.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED}", &text[..end])
+}
+
+/// How a task ended, as far as host results are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// ansible-playbook exited by itself.
+    Exited,
+    Stopped,
+    Timeout,
+    Interrupted,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Tracked {
+    counters: Counters,
+    msg: Option<String>,
+    first: Option<NaiveDateTime>,
+    last: Option<NaiveDateTime>,
+    final_stats: bool,
+    dirty: bool,
+}
+
+/// Per-host state of one task, fed event by event.
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    order: Vec<String>,
+    by_host: HashMap<String, Tracked>,
+}
+
+impl Hosts {
+    /// Tracks exactly these nodes; events about other hosts are ignored here.
+    pub fn new(nodes: &[String]) -> Hosts {
+        Hosts {
+            order: nodes.to_vec(),
+            by_host: nodes
+                .iter()
+                .map(|n| (n.clone(), Tracked::default()))
+                .collect(),
+        }
+    }
+
+    /// Adds one event.
+    pub fn apply(&mut self, ev: &Event) {
+        if let Some(stats) = &ev.stats {
+            for (host, counters) in stats {
+                if let Some(t) = self.by_host.get_mut(host) {
+                    t.counters = *counters;
+                    t.final_stats = true;
+                    t.dirty = true;
+                }
+            }
+            return;
+        }
+        let Some(t) = ev.host.as_ref().and_then(|h| self.by_host.get_mut(h)) else {
+            return;
+        };
+        t.first.get_or_insert(ev.time);
+        t.last = Some(ev.time);
+        t.dirty = true;
+        if t.final_stats {
+            return;
+        }
+        let c = &mut t.counters;
+        match ev.kind.as_str() {
+            "runner_ok" => {
+                c.ok += 1;
+                c.changed += i32::from(ev.changed);
+            }
+            "runner_failed" if ev.ignore_errors => {
+                c.ok += 1;
+                c.ignored += 1;
+            }
+            "runner_failed" => c.failed += 1,
+            "runner_unreachable" => c.unreachable += 1,
+            "runner_skipped" => c.skipped += 1,
+            _ => {}
+        }
+        if matches!(ev.kind.as_str(), "runner_failed" | "runner_unreachable")
+            && !ev.ignore_errors
+            && t.msg.is_none()
+        {
+            t.msg = Some(
+                ev.msg
+                    .as_deref()
+                    .unwrap_or("failed without a message")
+                    .chars()
+                    .take(MAX_MSG)
+                    .collect(),
+            );
+        }
+    }
+
+    /// States of the hosts changed since the last call (result still open).
+    pub fn take_changed(&mut self) -> Vec<HostState> {
+        let mut out = Vec::new();
+        for host in &self.order {
+            if let Some(t) = self.by_host.get_mut(host) {
+                if t.dirty {
+                    t.dirty = false;
+                    out.push(state(host, t, None));
+                }
+            }
+        }
+        out
+    }
+
+    /// Final states of every node, in node order, for a task that ended as `ending`.
+    pub fn finish(&mut self, ending: Ending) -> Vec<HostState> {
+        self.order
+            .iter()
+            .filter_map(|host| {
+                let t = self.by_host.get_mut(host)?;
+                t.dirty = false;
+                let result = result_of(t, ending);
+                Some(state(host, t, Some(result)))
+            })
+            .collect()
+    }
+
+    /// Hosts that failed or were unreachable, with their message, in node order.
+    pub fn failures(&self) -> Vec<(String, &'static str, Option<String>)> {
+        self.order
+            .iter()
+            .filter_map(|h| {
+                let t = self.by_host.get(h)?;
+                let kind = if t.counters.failed > 0 {
+                    "failed"
+                } else if t.counters.unreachable > 0 {
+                    "unreachable"
+                } else {
+                    return None;
+                };
+                Some((h.clone(), kind, t.msg.clone()))
+            })
+            .collect()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+fn result_of(t: &Tracked, ending: Ending) -> &'static str {
+    let c = &t.counters;
+    if c.failed > 0 {
+        "failed"
+    } else if c.unreachable > 0 {
+        "unreachable"
+    } else if !t.final_stats && ending != Ending::Exited {
+        match ending {
+            Ending::Stopped => "stopped",
+            Ending::Timeout => "timeout",
+            _ => "interrupted",
+        }
+    } else if c.ok > 0 || c.rescued > 0 || c.ignored > 0 {
+        "ok"
+    } else {
+        "skipped"
+    }
+}
+
+fn state(host: &str, t: &Tracked, result: Option<&str>) -> HostState {
+    let c = t.counters;
+    HostState {
+        host: host.to_owned(),
+        result: result.map(str::to_owned),
+        ok: c.ok,
+        changed: c.changed,
+        failed: c.failed,
+        unreachable: c.unreachable,
+        skipped: c.skipped,
+        rescued: c.rescued,
+        ignored: c.ignored,
+        msg: t.msg.clone(),
+        created_at: t.first,
+        ended_at: t.last,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(line: &str) -> Event {
+        parse_line(line).unwrap()
+    }
+
+    #[test]
+    fn results_follow_counters_and_ending() {
+        let nodes: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let mut hosts = Hosts::new(&nodes);
+        hosts.apply(&ev(
+            r#"{"event":"runner_ok","host":"a","changed":true,"time":"2026-01-01T00:00:01.5Z"}"#,
+        ));
+        hosts.apply(&ev(
+            r#"{"event":"runner_failed","host":"b","msg":"boom","time":"2026-01-01T00:00:02Z"}"#,
+        ));
+        hosts.apply(&ev(
+            r#"{"event":"runner_unreachable","host":"c","msg":"no route"}"#,
+        ));
+        hosts.apply(&ev(r#"{"event":"runner_ok","host":"zzz"}"#));
+        let changed = hosts.take_changed();
+        assert_eq!(changed.len(), 3);
+        assert!(changed.iter().all(|s| s.result.is_none()));
+        let fin = hosts.finish(Ending::Stopped);
+        let results: Vec<_> = fin.iter().map(|s| s.result.clone().unwrap()).collect();
+        assert_eq!(results, ["stopped", "failed", "unreachable", "stopped"]);
+        assert_eq!(fin[0].ok, 1);
+        assert_eq!(fin[0].changed, 1);
+        assert_eq!(fin[1].msg.as_deref(), Some("boom"));
+        assert_eq!(hosts.failures().len(), 2);
+    }
+
+    #[test]
+    fn stats_are_authoritative() {
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let mut hosts = Hosts::new(&nodes);
+        hosts.apply(&ev(r#"{"event":"runner_ok","host":"a"}"#));
+        hosts.apply(&ev(
+            r#"{"event":"stats","hosts":{"a":{"ok":3,"changed":1,"failed":0,"unreachable":0,"skipped":2,"rescued":0,"ignored":0}}}"#,
+        ));
+        let fin = hosts.finish(Ending::Exited);
+        assert_eq!(fin[0].ok, 3);
+        assert_eq!(fin[0].skipped, 2);
+        assert_eq!(fin[0].result.as_deref(), Some("ok"));
+        assert_eq!(fin[1].result.as_deref(), Some("skipped"));
+    }
+
+    #[test]
+    fn payloads_are_bounded_with_a_marker() {
+        let long = "é".repeat(10_000);
+        let cut = bounded(&long, 101);
+        assert!(cut.len() <= 101);
+        assert!(cut.ends_with(TRUNCATED));
+        assert_eq!(bounded("short", 101), "short");
+    }
+}

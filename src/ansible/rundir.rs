@@ -1,0 +1,216 @@
+//! A task's run directory and the `ansible-playbook` command that runs in it.
+//!
+//! ```text
+//! <run_dir>/.plugins/downlink_events.py   the callback plugin (written at start)
+//! <run_dir>/.ansible/                     ANSIBLE_HOME shared by all tasks
+//! <run_dir>/<task id>/inventory.yml       exactly the task's nodes, connection variables
+//!                     playbook.yml        the playbook, or a play importing tasks.yml
+//!                     tasks.yml           a task list, verbatim
+//!                     extra_vars.json     params as a JSON object
+//!                     events.jsonl        written by the callback plugin
+//!                     output.log          ansible's own output (stdout and stderr)
+//!                     cp/ tmp/            SSH control sockets and ansible's local temp files
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde_json::{json, Map, Value};
+
+use super::playbook::{classify, Shape, TASK_LIST_WRAPPER};
+use super::{CALLBACK_NAME, CALLBACK_PLUGIN, TASK_MARK_VAR};
+use crate::settings::Settings;
+
+/// Files of one task's run directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// The run directory of task `id` under the (absolute) root.
+    pub fn of(root: &Path, id: i64) -> RunDir {
+        RunDir {
+            path: root.join(id.to_string()),
+        }
+    }
+
+    /// Where the callback plugin writes events.
+    pub fn events(&self) -> PathBuf {
+        self.path.join("events.jsonl")
+    }
+
+    /// ansible's own output.
+    pub fn output(&self) -> PathBuf {
+        self.path.join("output.log")
+    }
+
+    /// The value of the task's process marker.
+    pub fn mark(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+}
+
+/// Makes the run-directory root absolute and writes the callback plugin into it.
+pub fn install(root: &Path) -> io::Result<PathBuf> {
+    fs::create_dir_all(root)?;
+    let root = root.canonicalize()?;
+    let plugins = root.join(".plugins");
+    fs::create_dir_all(&plugins)?;
+    fs::create_dir_all(root.join(".ansible"))?;
+    fs::write(plugins.join(format!("{CALLBACK_NAME}.py")), CALLBACK_PLUGIN)?;
+    Ok(root)
+}
+
+/// What a run directory is made from.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    pub nodes: &'a [String],
+    pub remote_user: &'a str,
+    pub content: &'a str,
+    pub params: &'a Map<String, Value>,
+}
+
+/// Writes the run directory of a task (replacing any left from an earlier database).
+pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<()> {
+    if dir.path.exists() {
+        fs::remove_dir_all(&dir.path)?;
+    }
+    fs::create_dir_all(dir.path.join("cp"))?;
+    fs::create_dir_all(dir.path.join("tmp"))?;
+    fs::write(
+        dir.path.join("inventory.yml"),
+        inventory(settings, job.nodes, job.remote_user).to_string(),
+    )?;
+    match classify(job.content) {
+        Ok(Shape::TaskList) => {
+            fs::write(dir.path.join("tasks.yml"), job.content)?;
+            fs::write(dir.path.join("playbook.yml"), TASK_LIST_WRAPPER)?;
+        }
+        // Validated before the task was stored; a playbook that no longer parses is ansible's to report.
+        Ok(Shape::Playbook) | Err(_) => fs::write(dir.path.join("playbook.yml"), job.content)?,
+    }
+    fs::write(
+        dir.path.join("extra_vars.json"),
+        Value::Object(job.params.clone()).to_string(),
+    )?;
+    fs::write(dir.events(), b"")?;
+    Ok(())
+}
+
+/// The inventory: JSON (which ansible's YAML inventory plugin reads) with exactly the nodes.
+pub fn inventory(settings: &Settings, nodes: &[String], user: &str) -> Value {
+    let hosts: Map<String, Value> = nodes.iter().map(|n| (n.clone(), json!({}))).collect();
+    let mut vars = Map::new();
+    vars.insert("ansible_user".into(), json!(user));
+    vars.insert("ansible_port".into(), json!(settings.ssh_port));
+    if !settings.ssh_private_key.is_empty() {
+        vars.insert(
+            "ansible_ssh_private_key_file".into(),
+            json!(settings.ssh_private_key),
+        );
+    }
+    if !settings.ssh_common_args.is_empty() {
+        vars.insert(
+            "ansible_ssh_common_args".into(),
+            json!(settings.ssh_common_args),
+        );
+    }
+    if !settings.ansible_python_interpreter.is_empty() {
+        vars.insert(
+            "ansible_python_interpreter".into(),
+            json!(settings.ansible_python_interpreter),
+        );
+    }
+    json!({ "all": { "hosts": hosts, "vars": vars } })
+}
+
+/// The `ansible-playbook` command of a task: its own session (so its whole process group can be
+/// signalled and it does not depend on the server's terminal), a clean environment (the server's
+/// own variables, database URL included, never reach a playbook), output into `output.log`.
+pub fn command(
+    settings: &Settings,
+    root: &Path,
+    dir: &RunDir,
+    forks: u32,
+) -> io::Result<tokio::process::Command> {
+    let output = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.output())?;
+    let mut cmd = tokio::process::Command::new(&settings.ansible_playbook);
+    cmd.current_dir(&dir.path)
+        .arg("-i")
+        .arg("inventory.yml")
+        .arg("--forks")
+        .arg(forks.to_string())
+        .arg("-e")
+        .arg("@extra_vars.json")
+        .arg("playbook.yml")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(output.try_clone()?))
+        .stderr(Stdio::from(output))
+        .env_clear()
+        .kill_on_drop(false);
+    for var in ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK"] {
+        if let Ok(v) = std::env::var(var) {
+            cmd.env(var, v);
+        }
+    }
+    cmd.env("LANG", "C.UTF-8").env("LC_ALL", "C.UTF-8");
+    cmd.envs(&settings.ansible_env);
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    cmd.env("ANSIBLE_CALLBACK_PLUGINS", path(root.join(".plugins")))
+        .env("ANSIBLE_CALLBACKS_ENABLED", CALLBACK_NAME)
+        .env("ANSIBLE_HOME", path(root.join(".ansible")))
+        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", path(dir.path.join("cp")))
+        .env("ANSIBLE_LOCAL_TEMP", path(dir.path.join("tmp")))
+        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("DOWNLINK_EVENTS_FILE", path(dir.events()))
+        .env(TASK_MARK_VAR, dir.mark());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
+    }
+    Ok(cmd)
+}
+
+/// The first line of ansible's output that says what went wrong, for `err`.
+pub fn error_line(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find(|l| l.starts_with("ERROR!") || l.starts_with("[ERROR]"))
+        .map(|l| l.chars().take(500).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_holds_exactly_the_nodes() {
+        let mut s = Settings::defaults();
+        s.ssh_private_key = "/k".into();
+        s.ansible_python_interpreter = "/usr/bin/python3".into();
+        let inv = inventory(&s, &["127.0.0.2".into(), "::1".into()], "root");
+        assert_eq!(
+            inv,
+            json!({"all": {"hosts": {"127.0.0.2": {}, "::1": {}}, "vars": {
+                "ansible_user": "root", "ansible_port": 22,
+                "ansible_ssh_private_key_file": "/k",
+                "ansible_python_interpreter": "/usr/bin/python3"}}})
+        );
+    }
+
+    #[test]
+    fn finds_ansible_error_lines() {
+        assert_eq!(
+            error_line("x\n[ERROR]: the playbook could not be found\nmore"),
+            Some("[ERROR]: the playbook could not be found".into())
+        );
+        assert_eq!(error_line("all good"), None);
+    }
+}
