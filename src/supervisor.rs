@@ -1,0 +1,300 @@
+//! TaskSupervisor: the FIFO queue of pending tasks, the global forks budget, stop routing and the
+//! waiters of `parallel_run` and `/api/stop`.
+//!
+//! A task costs its forks (`min(fork_num, nodes, max_forks)`); the sum over running tasks never
+//! exceeds `max_forks`. Pending tasks start strictly in arrival (id) order: a large task at the head
+//! of the queue is not overtaken by smaller ones behind it, so nothing starves. Admission and
+//! release happen inside this actor's handlers, one at a time, so they cannot race.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use serde_json::{Map, Value};
+use slog::{info, o, warn, Logger};
+use tokio::sync::oneshot;
+
+use crate::ansible::events::{Ending, Hosts};
+use crate::persistence::{FinishTask, Persistence};
+use crate::settings::Settings;
+use crate::status::Status;
+use crate::store::Finish;
+use crate::task::{Kill, TaskActor};
+use crate::time;
+
+/// Everything needed to run a stored task.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    pub id: i64,
+    pub name: String,
+    pub nodes: Vec<String>,
+    pub remote_user: String,
+    pub content: String,
+    pub params: Map<String, Value>,
+    pub forks: u32,
+    pub correlation_id: String,
+    pub source: String,
+}
+
+struct Running {
+    addr: Addr<TaskActor>,
+    forks: u32,
+}
+
+/// The supervisor actor.
+pub struct TaskSupervisor {
+    settings: Arc<Settings>,
+    run_root: PathBuf,
+    persistence: Addr<Persistence>,
+    log: Logger,
+    used_forks: u32,
+    queue: VecDeque<TaskSpec>,
+    running: HashMap<i64, Running>,
+    waiters: HashMap<i64, Vec<oneshot::Sender<()>>>,
+}
+
+impl TaskSupervisor {
+    /// A supervisor for tasks run under `run_root` (absolute, plugin installed).
+    pub fn new(
+        settings: Arc<Settings>,
+        run_root: PathBuf,
+        persistence: Addr<Persistence>,
+        log: Logger,
+    ) -> TaskSupervisor {
+        TaskSupervisor {
+            settings,
+            run_root,
+            persistence,
+            log,
+            used_forks: 0,
+            queue: VecDeque::new(),
+            running: HashMap::new(),
+            waiters: HashMap::new(),
+        }
+    }
+
+    /// Starts queued tasks from the head while the budget allows.
+    fn admit(&mut self, ctx: &mut Context<Self>) {
+        while let Some(head) = self.queue.front() {
+            if self.used_forks + head.forks > self.settings.max_forks {
+                break;
+            }
+            let Some(spec) = self.queue.pop_front() else {
+                break;
+            };
+            self.used_forks += spec.forks;
+            let log = self
+                .log
+                .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
+            info!(log, "task admitted"; "forks" => spec.forks, "forks_in_use" => self.used_forks);
+            let id = spec.id;
+            let forks = spec.forks;
+            let addr = TaskActor::new(
+                spec,
+                time::now(),
+                self.settings.clone(),
+                self.run_root.clone(),
+                self.persistence.clone(),
+                ctx.address(),
+                log,
+            )
+            .start();
+            self.running.insert(id, Running { addr, forks });
+        }
+    }
+
+    fn wait_for(&mut self, id: i64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.entry(id).or_default().push(tx);
+        rx
+    }
+
+    fn wake(&mut self, id: i64) {
+        for tx in self.waiters.remove(&id).unwrap_or_default() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Actor for TaskSupervisor {
+    type Context = Context<Self>;
+}
+
+/// Queue a stored task; with `wait`, also answer a receiver that fires when it has ended.
+#[derive(Message)]
+#[rtype(result = "Option<oneshot::Receiver<()>>")]
+pub struct Enqueue {
+    pub spec: TaskSpec,
+    pub wait: bool,
+}
+
+impl Handler<Enqueue> for TaskSupervisor {
+    type Result = Option<oneshot::Receiver<()>>;
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.spec.id;
+        // Keep id order even if two inserts answer out of order.
+        let at = self.queue.partition_point(|t| t.id < id);
+        self.queue.insert(at, msg.spec);
+        let rx = msg.wait.then(|| self.wait_for(id));
+        self.admit(ctx);
+        rx
+    }
+}
+
+/// Why a task is being ended from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// `/api/stop`.
+    Stop,
+    /// A `parallel_run` deadline passed.
+    Timeout,
+}
+
+/// What became of a request to end a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndOutcome {
+    /// The task has ended and its end is recorded.
+    Ended,
+    /// The task is neither queued nor running here.
+    NotLive,
+    /// Its end could not be recorded.
+    Failed(String),
+}
+
+/// End a task (pending or running); answers once its end is recorded.
+#[derive(Message)]
+#[rtype(result = "EndOutcome")]
+pub struct EndTask {
+    pub id: i64,
+    pub reason: EndReason,
+}
+
+impl Handler<EndTask> for TaskSupervisor {
+    type Result = ResponseFuture<EndOutcome>;
+    fn handle(&mut self, msg: EndTask, ctx: &mut Context<Self>) -> Self::Result {
+        let (status, ending, err) = match msg.reason {
+            EndReason::Stop => (Status::Stopped, Ending::Stopped, stop_err()),
+            EndReason::Timeout => (
+                Status::Timeout,
+                Ending::Timeout,
+                timeout_err(self.settings.parallel_run_timeout_secs),
+            ),
+        };
+        if let Some(pos) = self.queue.iter().position(|t| t.id == msg.id) {
+            let Some(spec) = self.queue.remove(pos) else {
+                return Box::pin(async { EndOutcome::NotLive });
+            };
+            let log = self
+                .log
+                .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
+            info!(log, "pending task ended"; "status" => status.code());
+            let fin = Finish {
+                id: spec.id,
+                status,
+                err: Some(err),
+                exit_code: None,
+                ended_at: time::now(),
+                hosts: Hosts::new(&spec.nodes).finish(ending),
+            };
+            let rx = self.wait_for(spec.id);
+            let persistence = self.persistence.clone();
+            let me = ctx.address();
+            return Box::pin(async move {
+                let outcome = match persistence.send(FinishTask(fin)).await {
+                    Ok(Ok(_)) => EndOutcome::Ended,
+                    Ok(Err(e)) => EndOutcome::Failed(e.to_string()),
+                    Err(e) => EndOutcome::Failed(e.to_string()),
+                };
+                me.do_send(Wake(msg.id));
+                let _ = rx.await;
+                outcome
+            });
+        }
+        let Some(running) = self.running.get(&msg.id) else {
+            return Box::pin(async { EndOutcome::NotLive });
+        };
+        running.addr.do_send(Kill { ending, err });
+        let rx = self.wait_for(msg.id);
+        Box::pin(async move {
+            let _ = rx.await;
+            EndOutcome::Ended
+        })
+    }
+}
+
+/// Wake the waiters of a task that ended without a TaskActor (stopped while pending).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Wake(pub i64);
+
+impl Handler<Wake> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Wake, _: &mut Context<Self>) {
+        self.wake(msg.0);
+    }
+}
+
+/// A receiver that fires when the task has ended; `None` if it is not live here.
+#[derive(Message)]
+#[rtype(result = "Option<oneshot::Receiver<()>>")]
+pub struct WaitEnd(pub i64);
+
+impl Handler<WaitEnd> for TaskSupervisor {
+    type Result = Option<oneshot::Receiver<()>>;
+    fn handle(&mut self, msg: WaitEnd, _: &mut Context<Self>) -> Self::Result {
+        let live = self.running.contains_key(&msg.0) || self.queue.iter().any(|t| t.id == msg.0);
+        live.then(|| self.wait_for(msg.0))
+    }
+}
+
+/// Sent by a TaskActor once its end is recorded: frees its forks and wakes its waiters.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskEnded(pub i64);
+
+impl Handler<TaskEnded> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: TaskEnded, ctx: &mut Context<Self>) {
+        match self.running.remove(&msg.0) {
+            Some(r) => self.used_forks -= r.forks,
+            None => warn!(self.log, "end of an unknown task"; "task_id" => msg.0),
+        }
+        self.wake(msg.0);
+        self.admit(ctx);
+    }
+}
+
+/// Current load, for tests and operators.
+#[derive(Message)]
+#[rtype(result = "Load")]
+pub struct GetLoad;
+
+/// Forks in use and task counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, MessageResponse)]
+pub struct Load {
+    pub forks_in_use: u32,
+    pub running: usize,
+    pub queued: usize,
+}
+
+impl Handler<GetLoad> for TaskSupervisor {
+    type Result = Load;
+    fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> Load {
+        Load {
+            forks_in_use: self.used_forks,
+            running: self.running.len(),
+            queued: self.queue.len(),
+        }
+    }
+}
+
+/// `err` of a stopped task.
+pub fn stop_err() -> String {
+    "stopped through /api/stop".to_owned()
+}
+
+/// `err` of a task killed at its time limit.
+pub fn timeout_err(secs: u64) -> String {
+    format!("killed after running past its time limit of {secs} s")
+}
