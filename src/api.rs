@@ -1,0 +1,258 @@
+//! The HTTP API of `CONTRACT.md`: one file per endpoint, and here what they share: the route
+//! table, the envelope, the contract's error strings (rendered in exactly one place), the two
+//! required headers and the body, which is read as JSON whatever its `Content-Type`.
+
+pub mod check;
+pub mod fields;
+pub mod getlog;
+pub mod parallel_run;
+pub mod run;
+pub mod stop;
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::body::BoxBody;
+use actix_web::dev::Payload;
+use actix_web::http::StatusCode;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse, ResponseError};
+use futures_util::future::LocalBoxFuture;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use slog::{o, warn, Logger};
+
+use crate::db::Pool;
+use crate::persistence::Persistence;
+use crate::settings::Settings;
+use crate::store::StoreError;
+use crate::supervisor::TaskSupervisor;
+
+/// What every handler reaches: settings, the read pool and the actors.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: Pool,
+    pub persistence: Addr<Persistence>,
+    pub supervisor: Addr<TaskSupervisor>,
+    pub log: Logger,
+}
+
+/// The route table.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    let endpoint = |path: &str, handler| {
+        web::resource(path)
+            .route(handler)
+            .default_service(web::to(method_not_allowed))
+    };
+    cfg.service(endpoint("/api/run", web::post().to(run::handle)))
+        .service(endpoint("/api/stop", web::post().to(stop::handle)))
+        .service(endpoint("/api/check", web::post().to(check::handle)))
+        .service(endpoint("/api/getlog", web::post().to(getlog::handle)))
+        .service(endpoint(
+            "/api/parallel_run",
+            web::post().to(parallel_run::handle),
+        ));
+}
+
+/// An answer of the API that is not a success: the contract's `{"code":-1,"message":…}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("json encode error")]
+    Json,
+    #[error("param error, error: {0}")]
+    Param(String),
+    #[error("task name is duplicate")]
+    Duplicate,
+    #[error("task not found...")]
+    NotFound,
+    #[error("database unavailable, retry later")]
+    DbUnavailable,
+    #[error("not found")]
+    NoRoute,
+    #[error("method not allowed")]
+    Method,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ApiError {
+    /// A missing, mistyped or out-of-range field.
+    pub fn param(field: &str, reason: impl std::fmt::Display) -> ApiError {
+        ApiError::Param(format!("{field}: {reason}"))
+    }
+}
+
+/// The message of an error answer, kept on the response for the request log line.
+#[derive(Debug, Clone)]
+pub struct ErrorMessage(pub String);
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    code: i32,
+    message: &'a str,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            // Existing clients read `code` and some raise on 4xx: every envelope answer is 200.
+            ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            _ => StatusCode::OK,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse<BoxBody> {
+        let message = self.to_string();
+        let mut res = HttpResponse::build(self.status_code()).json(Failure {
+            code: -1,
+            message: &message,
+        });
+        res.extensions_mut().insert(ErrorMessage(message));
+        res
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Duplicate => ApiError::Duplicate,
+            StoreError::Unavailable(_) | StoreError::Query(_) => ApiError::DbUnavailable,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Success<T: Serialize> {
+    code: i32,
+    content: T,
+}
+
+/// `{"code":0,"content":…}`.
+pub fn success<T: Serialize>(content: T) -> HttpResponse {
+    HttpResponse::Ok().json(Success { code: 0, content })
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::Method)
+}
+
+/// Answer to any path that is not an endpoint.
+pub async fn no_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NoRoute)
+}
+
+/// Who is calling: the two required headers.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub correlation_id: String,
+    pub source: String,
+}
+
+const MAX_HEADER: usize = 256;
+
+/// A required header's value, or the contract's param error saying what is wrong with it.
+fn required_header(req: &HttpRequest, name: &str) -> Result<String, ApiError> {
+    let Some(value) = req.headers().get(name) else {
+        return Err(ApiError::param(name, "missing header"));
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::param(name, "empty header"));
+    }
+    if bytes.len() > MAX_HEADER {
+        return Err(ApiError::param(
+            name,
+            format!("longer than {MAX_HEADER} bytes"),
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| ApiError::param(name, "not UTF-8"))?;
+    if text.chars().any(char::is_control) {
+        return Err(ApiError::param(name, "holds control characters"));
+    }
+    Ok(text.trim().to_owned())
+}
+
+impl Caller {
+    /// Reads and checks `X-CORRELATION-ID` and `X-RESOURCE`.
+    pub fn from_request(req: &HttpRequest) -> Result<Caller, ApiError> {
+        Ok(Caller {
+            correlation_id: required_header(req, "X-CORRELATION-ID")?,
+            source: required_header(req, "X-RESOURCE")?,
+        })
+    }
+
+    /// A child logger carrying the caller's context.
+    pub fn logger(&self, log: &Logger) -> Logger {
+        log.new(
+            o!("correlation_id" => self.correlation_id.clone(), "source" => self.source.clone()),
+        )
+    }
+}
+
+/// A request of the API, read the same way for every endpoint: the two required headers, then the
+/// body (bounded by `body_limit`), which must be a JSON object whatever the `Content-Type` says.
+pub struct ApiRequest {
+    pub caller: Caller,
+    pub body: Map<String, Value>,
+    /// A logger carrying the caller's `correlation_id` and `source`.
+    pub log: Logger,
+}
+
+impl FromRequest for ApiRequest {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<ApiRequest, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let caller = Caller::from_request(req);
+        let declared = req
+            .headers()
+            .get(actix_web::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::Other("server not configured".into()))?;
+            let caller = caller?;
+            let limit = state.settings.body_limit;
+            let too_large = || ApiError::Param("body too large".to_owned());
+            if declared.is_some_and(|n| n > limit) {
+                return Err(too_large());
+            }
+            let mut body = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|_| ApiError::Json)?;
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&body) else {
+                return Err(ApiError::Json);
+            };
+            let log = caller.logger(&state.log);
+            Ok(ApiRequest { caller, body, log })
+        })
+    }
+}
+
+/// Runs blocking store work on the blocking pool; any database failure is the contract's
+/// "database unavailable", with the real error logged.
+pub async fn read_store<T, F>(state: &AppState, log: &Logger, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&mut crate::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let pool = state.pool.clone();
+    let result = web::block(move || {
+        let mut conn = pool.get()?;
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| ApiError::Other(format!("internal error: {e}")))?;
+    result.map_err(|e| {
+        warn!(log, "database read failed"; "error" => %e);
+        ApiError::from(e)
+    })
+}

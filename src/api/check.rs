@@ -1,0 +1,92 @@
+//! `/api/check`: a task's status, with its host records and nodes as JSON encoded in strings.
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+
+use super::fields::id_and_name;
+use super::{read_store, success, ApiError, ApiRequest, AppState};
+use crate::store::{self, HostRow, Task};
+use crate::time;
+
+/// The `content` of a check answer, keys in the contract's order.
+#[derive(Debug, Serialize)]
+pub struct CheckContent {
+    pub create_time: String,
+    pub err: Option<String>,
+    pub id: i64,
+    pub log: String,
+    pub nodes: String,
+    pub status: i32,
+    pub update_time: String,
+}
+
+/// One element of `log`.
+#[derive(Debug, Serialize)]
+pub struct HostRecord<'a> {
+    pub host: &'a str,
+    pub result: &'a str,
+    pub ok: i32,
+    pub changed: i32,
+    pub failed: i32,
+    pub unreachable: i32,
+    pub skipped: i32,
+    pub rescued: i32,
+    pub ignored: i32,
+    pub create_time: String,
+    pub end_time: Option<String>,
+    pub msg: Option<&'a str>,
+}
+
+impl<'a> From<&'a HostRow> for HostRecord<'a> {
+    fn from(r: &'a HostRow) -> Self {
+        HostRecord {
+            host: &r.host,
+            result: r.result.as_deref().unwrap_or("running"),
+            ok: r.ok,
+            changed: r.changed,
+            failed: r.failed,
+            unreachable: r.unreachable,
+            skipped: r.skipped,
+            rescued: r.rescued,
+            ignored: r.ignored,
+            create_time: time::rfc3339(r.created_at),
+            end_time: r.result.as_ref().and(r.ended_at).map(time::rfc3339),
+            msg: r.msg.as_deref(),
+        }
+    }
+}
+
+/// The task with this id if it also has this name.
+pub async fn find(
+    state: &AppState,
+    log: &slog::Logger,
+    id: i64,
+    name: String,
+) -> Result<(Task, Vec<HostRow>), ApiError> {
+    let found = read_store(state, log, move |c| {
+        let Some(task) = store::get_task(c, id)?.filter(|t| t.name == name) else {
+            return Ok(None);
+        };
+        let hosts = store::task_hosts(c, id)?;
+        Ok(Some((task, hosts)))
+    })
+    .await?;
+    found.ok_or(ApiError::NotFound)
+}
+
+/// POST /api/check
+pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpResponse, ApiError> {
+    let ApiRequest { body, log, .. } = req;
+    let (id, name) = id_and_name(&body)?;
+    let (task, hosts) = find(&state, &log, id, name).await?;
+    let records: Vec<HostRecord> = hosts.iter().map(HostRecord::from).collect();
+    Ok(success(CheckContent {
+        create_time: time::http_date(task.created_at),
+        err: task.err,
+        id: task.id,
+        log: serde_json::to_string(&records).unwrap_or_else(|_| "[]".into()),
+        nodes: task.nodes,
+        status: task.status,
+        update_time: time::http_date(task.updated_at),
+    }))
+}

@@ -1,0 +1,43 @@
+//! `/api/parallel_run`: run like `/api/run`, then wait for the end and answer the task's log lines,
+//! one per node. Past `parallel_run_timeout_secs` the task is killed with status 6. A client that
+//! disconnects does not stop the task (dropping this future leaves it running).
+
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use slog::warn;
+
+use super::fields::RunRequest;
+use super::getlog::lines;
+use super::run::submit;
+use super::{read_store, ApiError, ApiRequest, AppState};
+use crate::store;
+use crate::supervisor::{EndOutcome, EndReason, EndTask};
+
+/// POST /api/parallel_run
+pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpResponse, ApiError> {
+    let ApiRequest { caller, body, log } = req;
+    let run = RunRequest::from_json(&body, &state.settings)?;
+    let (id, ended) = submit(&state, &log, &caller, run, true).await?;
+    let timeout = Duration::from_secs(state.settings.parallel_run_timeout_secs);
+    let finished = match ended {
+        Some(rx) => tokio::time::timeout(timeout, rx).await.is_ok(),
+        None => true,
+    };
+    if !finished {
+        warn!(log, "parallel_run deadline passed, killing the task"; "task_id" => id);
+        let outcome = state
+            .supervisor
+            .send(EndTask {
+                id,
+                reason: EndReason::Timeout,
+            })
+            .await
+            .map_err(|_| ApiError::Other("the task supervisor is not running".into()))?;
+        if let EndOutcome::Failed(_) = outcome {
+            return Err(ApiError::DbUnavailable);
+        }
+    }
+    let rows = read_store(&state, &log, move |c| store::task_hosts(c, id)).await?;
+    Ok(lines(&rows))
+}
