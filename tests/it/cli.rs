@@ -1,0 +1,102 @@
+//! The `downlink` binary: subcommands, `--config`, environment settings, `migrate` on both backends.
+
+use std::process::Command;
+
+use crate::both_backends;
+use crate::harness::{Backend, TempDir, TestDb};
+
+fn downlink() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_downlink"));
+    cmd.env_remove("DOWNLINK_DATABASE_URL");
+    cmd
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = downlink().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "migrate", "--config"] {
+        assert!(text.contains(word), "--help lacks {word}: {text}");
+    }
+}
+
+#[test]
+fn unknown_settings_are_refused_by_name() {
+    let out = downlink()
+        .arg("settings")
+        .env("DOWNLINK_MAX_FORK", "3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "downlink: invalid settings: unknown setting in environment variable DOWNLINK_MAX_FORK\n"
+    );
+    let dir = TempDir::new();
+    let file = dir.0.join("bad.toml");
+    std::fs::write(&file, "max_forks = 3\nbnid = \"x\"\n").unwrap();
+    let out = downlink()
+        .args(["--config", file.to_str().unwrap(), "settings"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key `bnid`"));
+}
+
+#[test]
+fn config_file_then_environment() {
+    let dir = TempDir::new();
+    let file = dir.0.join("c.toml");
+    std::fs::write(&file, "max_forks = 3\nmax_nodes = 10\n").unwrap();
+    let out = downlink()
+        .args(["--config", file.to_str().unwrap(), "settings"])
+        .env("DOWNLINK_MAX_NODES", "11")
+        .env("DOWNLINK_DATABASE_URL", "postgres://u:hunter2@h/db")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_forks: 3,"), "{text}");
+    assert!(text.contains("max_nodes: 11,"), "{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "the password was printed: {text}"
+    );
+}
+
+both_backends!(migrate_creates_the_tables);
+
+fn migrate_creates_the_tables(backend: Backend) {
+    let dir = TempDir::new();
+    let db = TestDb::new(backend, &dir.0);
+    for _ in 0..2 {
+        let out = downlink()
+            .arg("migrate")
+            .current_dir(&dir.0)
+            .env("DOWNLINK_DATABASE_URL", &db.url)
+            .env("DOWNLINK_LOG_FORMAT", "json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let target = downlink::db::Target::parse(&db.url).unwrap();
+    let pool = downlink::db::pool(&target, 2, std::time::Duration::from_secs(5)).unwrap();
+    let mut conn = pool.get().unwrap();
+    // The status table is seeded, and the forward-only rule holds in SQL.
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute(
+        "INSERT INTO tasks (name, nodes, remote_user, content, params, fork_num, forks, status, \
+         correlation_id, source, created_at, updated_at) VALUES ('x', '[]', 'u', '', '{}', 1, 1, 4, \
+         'c', 's', '2026-01-01 00:00:00', '2026-01-01 00:00:00')",
+    )
+    .unwrap();
+    let back = conn.batch_execute("UPDATE tasks SET status = 2 WHERE name = 'x'");
+    assert!(back.is_err(), "a finished task moved back to running");
+    let unknown = conn.batch_execute("UPDATE tasks SET status = 9 WHERE name = 'x'");
+    assert!(unknown.is_err());
+}

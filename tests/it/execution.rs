@@ -1,0 +1,338 @@
+//! Real execution: ansible-playbook over SSH to the test hosts, per-host results against ansible's
+//! own PLAY RECAP, the forks budget, stop, time limits and ansible's own failures.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::both_backends;
+use crate::harness::{play_recap, run_body, task_processes, Backend, TestServer, DEAD, HOSTS};
+
+both_backends!(
+    per_host_results_match_play_recap,
+    forks_budget_is_never_exceeded_and_queue_is_fifo,
+    stop_of_a_pending_task_leaves_the_queue,
+    stop_of_a_running_task_kills_every_process,
+    task_over_its_time_limit_ends_with_timeout,
+    parallel_run_past_its_deadline_kills_the_task,
+    ansible_failures_fail_the_task_with_the_reason,
+);
+
+/// ok on .2, changed on .3, failed on .4, unreachable on the dead address.
+const MIXED: &str = r#"
+- hosts: all
+  gather_facts: false
+  tasks:
+    - ping:
+    - command: "true"
+      changed_when: inventory_hostname == '127.0.0.3'
+    - command: "false"
+      when: inventory_hostname == '127.0.0.4'
+    - debug:
+        msg: "{{ greeting }}"
+"#;
+
+fn per_host_results_match_play_recap(backend: Backend) {
+    let server = TestServer::start(backend);
+    let mut body = run_body("mixed", &[HOSTS[0], HOSTS[1], HOSTS[2], DEAD], MIXED);
+    body["params"] = json!("greeting=hello");
+    let id = server.run(body);
+    let task = server.wait_end(id, 90);
+    assert_eq!(task.status, 3);
+    assert_eq!(task.exit_code, Some(4), "4: a host was unreachable");
+    let err = task.err.unwrap();
+    assert!(
+        err.starts_with(
+            "2 of 4 hosts failed: 127.0.0.4 failed (non-zero return code); 127.0.0.9 unreachable ("
+        ),
+        "{err}"
+    );
+    let output = std::fs::read_to_string(server.run_dir(id).join("output.log")).unwrap();
+    let recap = play_recap(&output);
+    assert_eq!(recap.len(), 4, "{output}");
+    let hosts = server.hosts(id);
+    assert_eq!(hosts.len(), 4);
+    for h in &hosts {
+        let (_, c) = recap
+            .iter()
+            .find(|(host, _)| *host == h.host)
+            .unwrap_or_else(|| panic!("{} not in PLAY RECAP", h.host));
+        assert_eq!(
+            [
+                h.ok,
+                h.changed,
+                h.unreachable,
+                h.failed,
+                h.skipped,
+                h.rescued,
+                h.ignored
+            ],
+            *c,
+            "{}",
+            h.host
+        );
+    }
+    let results: Vec<(&str, &str)> = hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.result.as_deref().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            (HOSTS[0], "ok"),
+            (HOSTS[1], "ok"),
+            (HOSTS[2], "failed"),
+            (DEAD, "unreachable")
+        ]
+    );
+    assert_eq!(hosts[1].changed, 1);
+    assert_eq!(hosts[2].msg.as_deref(), Some("non-zero return code"));
+    // The extra var reached the play.
+    assert!(output.contains("\"msg\": \"hello\""), "{output}");
+    // Events were recorded in order and end with the stats.
+    let events = downlink::store::task_events(&mut server.conn(), id).unwrap();
+    assert_eq!(events.first().unwrap().kind, "playbook_start");
+    assert_eq!(events.last().unwrap().kind, "stats");
+    assert!(events.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+    // /api/check and /api/getlog say the same.
+    let check = server.call("/api/check", json!({"id": id, "name": "mixed"}));
+    let log: serde_json::Value =
+        serde_json::from_str(check["content"]["log"].as_str().unwrap()).unwrap();
+    for (entry, h) in log.as_array().unwrap().iter().zip(&hosts) {
+        assert_eq!(entry["host"], json!(h.host));
+        assert_eq!(entry["result"], json!(h.result));
+        assert_eq!(entry["ok"], json!(h.ok));
+        assert_eq!(entry["failed"], json!(h.failed));
+    }
+    for h in &hosts {
+        let lines = server.call("/api/getlog", json!({"host": h.host, "source": "orion"}));
+        let line = lines[0].as_str().unwrap();
+        assert!(
+            line.ends_with(&format!("reuslt = {}", h.result.as_deref().unwrap())),
+            "{line}"
+        );
+    }
+    // Nothing of the task is left running.
+    assert!(task_processes(&server.run_dir(id)).is_empty());
+}
+
+const SLEEP_1: &str = "- command: sleep 1\n";
+
+fn forks_budget_is_never_exceeded_and_queue_is_fifo(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| s.max_forks = 4);
+    // Costs: min(fork_num, nodes, max_forks).
+    let shapes: [(&[&str], u32); 7] = [
+        (&HOSTS[..2], 2),
+        (&HOSTS[..3], 3),
+        (&HOSTS[..1], 5),
+        (&HOSTS[..3], 9),
+        (&HOSTS[..2], 1),
+        (&HOSTS[..2], 2),
+        (&HOSTS[..3], 2),
+    ];
+    let mut ids = Vec::new();
+    for (i, (nodes, fork_num)) in shapes.iter().enumerate() {
+        let mut body = run_body(&format!("forks{i}"), nodes, SLEEP_1);
+        body["fork_num"] = json!(fork_num);
+        ids.push(server.run(body));
+    }
+    let tasks: Vec<_> = ids.iter().map(|id| server.wait_end(*id, 120)).collect();
+    assert!(tasks.iter().all(|t| t.status == 4), "{tasks:?}");
+    let costs: Vec<i32> = tasks.iter().map(|t| t.forks).collect();
+    assert_eq!(costs, [2, 3, 1, 3, 1, 2, 2]);
+    // At every start, the forks of tasks running then fit the budget.
+    for t in &tasks {
+        let at = t.started_at.unwrap();
+        let in_use: i32 = tasks
+            .iter()
+            .filter(|o| o.started_at.unwrap() <= at && o.ended_at.unwrap() > at)
+            .map(|o| o.forks)
+            .sum();
+        assert!(
+            in_use <= 4,
+            "{in_use} forks in use when task {} started",
+            t.id
+        );
+    }
+    // Pending tasks start in arrival order.
+    let starts: Vec<_> = tasks.iter().map(|t| t.started_at.unwrap()).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
+    // The budget was really used: some tasks overlapped.
+    assert!(tasks
+        .windows(2)
+        .any(|w| w[1].started_at.unwrap() < w[0].ended_at.unwrap()));
+}
+
+const SLEEP_LONG: &str = "- command: sleep 60\n";
+
+fn stop_of_a_pending_task_leaves_the_queue(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| s.max_forks = 1);
+    let running = server.run(run_body("holder", &[HOSTS[0]], SLEEP_LONG));
+    let pending = server.run(run_body("waiter", &[HOSTS[1], HOSTS[2]], SLEEP_LONG));
+    server.wait_status(running, &[2], 30);
+    assert_eq!(server.task(pending).status, 1);
+    let answer = server.call("/api/stop", json!({"id": pending, "name": "waiter"}));
+    assert_eq!(answer, json!({"code": 0, "content": {}}));
+    let task = server.task(pending);
+    assert_eq!(task.status, 5);
+    assert_eq!(task.started_at, None, "a stopped pending task never ran");
+    assert_eq!(task.err.as_deref(), Some("stopped through /api/stop"));
+    let results: Vec<_> = server
+        .hosts(pending)
+        .into_iter()
+        .map(|h| h.result.unwrap())
+        .collect();
+    assert_eq!(results, ["stopped", "stopped"]);
+    assert!(
+        !server.run_dir(pending).exists(),
+        "no run directory for a task that never ran"
+    );
+    assert_eq!(
+        server.task(running).status,
+        2,
+        "the running task is untouched"
+    );
+    server.call("/api/stop", json!({"id": running, "name": "holder"}));
+    assert_eq!(server.task(running).status, 5);
+}
+
+fn stop_of_a_running_task_kills_every_process(backend: Backend) {
+    let server = TestServer::start(backend);
+    let id = server.run(run_body("long", &HOSTS, SLEEP_LONG));
+    server.wait_status(id, &[2], 30);
+    let dir = server.run_dir(id);
+    // Wait until the task holds SSH connections to the three hosts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ssh = task_processes(&dir)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim() == "ssh")
+                    .unwrap_or(false)
+            })
+            .count();
+        if ssh >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no SSH connections after 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Running hosts show as running in getlog.
+    let lines = server.call("/api/getlog", json!({"host": HOSTS[0], "source": "orion"}));
+    assert!(
+        lines[0]
+            .as_str()
+            .unwrap()
+            .contains("end_time = , host = 127.0.0.2, reuslt = running"),
+        "{lines}"
+    );
+    let started = Instant::now();
+    let answer = server.call("/api/stop", json!({"id": id, "name": "long"}));
+    assert_eq!(answer, json!({"code": 0, "content": {}}));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        task_processes(&dir),
+        Vec::<i32>::new(),
+        "processes of the task outlived the stop"
+    );
+    let task = server.task(id);
+    assert_eq!(task.status, 5);
+    assert_eq!(task.pid, None);
+    let results: Vec<_> = server
+        .hosts(id)
+        .into_iter()
+        .map(|h| h.result.unwrap())
+        .collect();
+    assert_eq!(results, ["stopped", "stopped", "stopped"]);
+    // A second stop changes nothing.
+    let answer = server.call("/api/stop", json!({"id": id, "name": "long"}));
+    assert_eq!(answer, json!({"code": 0, "content": {}}));
+    assert_eq!(server.task(id).updated_at, task.updated_at);
+}
+
+fn task_over_its_time_limit_ends_with_timeout(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| s.task_time_limit_secs = 3);
+    let id = server.run(run_body("slow", &HOSTS[..2], SLEEP_LONG));
+    let task = server.wait_end(id, 30);
+    assert_eq!(task.status, 6);
+    assert_eq!(
+        task.err.as_deref(),
+        Some("killed after running past its time limit of 3 s")
+    );
+    let results: Vec<_> = server
+        .hosts(id)
+        .into_iter()
+        .map(|h| h.result.unwrap())
+        .collect();
+    assert_eq!(results, ["timeout", "timeout"]);
+    assert!(task_processes(&server.run_dir(id)).is_empty());
+}
+
+fn parallel_run_past_its_deadline_kills_the_task(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| s.parallel_run_timeout_secs = 3);
+    let started = Instant::now();
+    let (status, got) = server.post(
+        "/api/parallel_run",
+        &run_body("deadline", &[HOSTS[0]], SLEEP_LONG).to_string(),
+    );
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let lines: Vec<String> = serde_json::from_str(&got).unwrap();
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].ends_with("host = 127.0.0.2, reuslt = timeout"),
+        "{got}"
+    );
+    let task = server.task(1);
+    assert_eq!(task.status, 6);
+    assert_eq!(
+        task.err.as_deref(),
+        Some("killed after running past its time limit of 3 s")
+    );
+}
+
+fn ansible_failures_fail_the_task_with_the_reason(backend: Backend) {
+    let server = TestServer::start(backend);
+    // A module that does not exist: ansible refuses the playbook.
+    let id = server.run(run_body(
+        "badmodule",
+        &[HOSTS[0]],
+        "- no_such_module_here: {}\n",
+    ));
+    let task = server.wait_end(id, 60);
+    assert_eq!(task.status, 3);
+    let err = task.err.unwrap();
+    assert!(
+        err.starts_with("ansible-playbook exited with code 4: [ERROR]"),
+        "{err}"
+    );
+    assert!(err.contains("no_such_module_here"), "{err}");
+    assert_eq!(server.hosts(id)[0].result.as_deref(), Some("skipped"));
+
+    // The binary is missing.
+    let server = TestServer::start_with(backend, |s| {
+        s.ansible_playbook = "/nonexistent/ansible-playbook".into()
+    });
+    let id = server.run(run_body("nobinary", &HOSTS[..2], "- ping:\n"));
+    let task = server.wait_end(id, 30);
+    assert_eq!(task.status, 3);
+    assert_eq!(
+        task.err.as_deref(),
+        Some("cannot start ansible-playbook (/nonexistent/ansible-playbook): No such file or directory (os error 2)")
+    );
+    let results: Vec<_> = server
+        .hosts(id)
+        .into_iter()
+        .map(|h| h.result.unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["skipped", "skipped"],
+        "every node still gets its record"
+    );
+}

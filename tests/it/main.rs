@@ -1,0 +1,8 @@
+//! downlink's integration tests: real server, real PostgreSQL and SQLite, real ansible-playbook
+//! over SSH to sshd test hosts on 127.0.0.2-4. Run them with `scripts/test`, which starts all of
+//! that first.
+
+mod cli;
+mod contract;
+mod execution;
+pub mod harness;
