@@ -318,8 +318,14 @@ pub fn insert_events(
     offset: i64,
 ) -> Result<(), StoreError> {
     conn.transaction(|conn| {
+        // A retried write may find its events already stored: keep only the new ones.
+        let stored: Option<i32> = task_events::table
+            .filter(task_events::task_id.eq(task_id))
+            .select(diesel::dsl::max(task_events::seq))
+            .first(conn)?;
+        let stored = stored.unwrap_or(0);
         // One statement per row: a multi-row VALUES is not available through MultiConnection.
-        for event in events {
+        for event in events.iter().filter(|e| e.seq > stored) {
             diesel::insert_into(task_events::table)
                 .values(event)
                 .execute(conn)?;
