@@ -35,6 +35,10 @@ pub struct AppState {
     pub persistence: Addr<Persistence>,
     pub supervisor: Addr<TaskSupervisor>,
     pub log: Logger,
+    /// Turns true when the server starts shutting down.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+    /// `/readyz` checks.
+    pub health: crate::health::Checks,
 }
 
 /// The route table.

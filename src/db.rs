@@ -5,7 +5,7 @@
 //! which tries every variant in turn and throws the real error away (a wrong PostgreSQL password
 //! would read "Invalid connection url for multiconnection").
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -45,8 +45,6 @@ pub enum DbError {
     Scheme(String),
     #[error("cannot create directory {0} for the SQLite database: {1}")]
     Dir(PathBuf, std::io::Error),
-    #[error("cannot connect to the database: {0}")]
-    Connect(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
 }
@@ -133,23 +131,24 @@ impl CustomizeConnection<DbConnection, r2d2::Error> for SqlitePragmas {
     }
 }
 
-/// Builds the pool, creating the SQLite file's directory when needed. Fails if no connection can
-/// be made within `timeout`.
+/// Builds the pool, creating the SQLite file's directory when needed; `timeout` is how long a
+/// `get` waits for a connection.
 pub fn pool(target: &Target, size: u32, timeout: Duration) -> Result<Pool, DbError> {
     if let Target::Sqlite(path) = target {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.to_owned(), e))?;
         }
     }
-    r2d2::Pool::builder()
+    Ok(r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(1))
         .connection_timeout(timeout)
         .connection_customizer(Box::new(SqlitePragmas))
-        .build(Manager {
+        // Unchecked: connections are made on first use, so the caller decides how long to wait
+        // for a database that is still starting.
+        .build_unchecked(Manager {
             target: target.clone(),
-        })
-        .map_err(|e| DbError::Connect(e.to_string()))
+        }))
 }
 
 /// Applies every pending migration of the connection's backend; returns the versions applied.
@@ -162,9 +161,13 @@ pub fn migrate(conn: &mut DbConnection) -> Result<Vec<String>, DbError> {
     Ok(applied.into_iter().map(|v| v.to_string()).collect())
 }
 
-/// Whether a path is a SQLite database in the default location (used in log lines).
-pub fn is_default_sqlite(target: &Target) -> bool {
-    matches!(target, Target::Sqlite(p) if p == Path::new("data/downlink.sqlite3"))
+/// Whether migrations embedded in this binary are still to be applied.
+pub fn has_pending_migrations(conn: &mut DbConnection) -> Result<bool, DbError> {
+    match conn {
+        DbConnection::Pg(c) => c.has_pending_migration(PG_MIGRATIONS),
+        DbConnection::Sqlite(c) => c.has_pending_migration(SQLITE_MIGRATIONS),
+    }
+    .map_err(|e| DbError::Migrate(e.to_string()))
 }
 
 #[cfg(test)]

@@ -66,13 +66,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Completes at the first SIGTERM or SIGINT.
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without signal handlers the process still dies on the default action.
+        _ => std::future::pending::<()>().await,
+    }
+}
+
 fn serve(settings: Settings, log: &slog::Logger) -> anyhow::Result<()> {
     let bind = settings.bind.clone();
     let prepared = server::prepare(settings, log)?;
     let listener = TcpListener::bind(&bind).with_context(|| format!("binding {bind}"))?;
     info!(log, "listening"; "address" => listener.local_addr()?.to_string());
     actix_web::rt::System::new()
-        .block_on(server::run(prepared, listener, log.clone(), true, |_| {}))
+        .block_on(server::run(
+            prepared,
+            listener,
+            log.clone(),
+            signal(),
+            |_| {},
+        ))
         .context("server")?;
     info!(log, "stopped");
     Ok(())

@@ -73,6 +73,18 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
             .any(|w| w[0] == 0 && &w[1..] == needle)
 }
 
+/// The live process that leads the task's session (the `ansible-playbook` a server started), found
+/// by the marker: (pid, start time).
+pub fn leader(mark: &str) -> Option<(i32, i64)> {
+    marked(mark).into_iter().find_map(|pid| {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        // Fields after the name: state, ppid, pgrp, session.
+        let session: i32 = rest.split_whitespace().nth(3)?.parse().ok()?;
+        (session == pid).then(|| start_time(pid).map(|t| (pid, t)))?
+    })
+}
+
 /// Sends `signal` to the process group led by `pgid`; false if there is no such group.
 pub fn signal_group(pgid: i32, signal: Signal) -> bool {
     killpg(Pid::from_raw(pgid), signal).is_ok()

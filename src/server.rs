@@ -1,8 +1,10 @@
-//! Putting the parts together: open and migrate the database, install the callback plugin, start
-//! the actors and serve HTTP on an already-bound listener (so tests bind `127.0.0.1:0`).
+//! Putting the parts together: open and migrate the database, install the callback plugin, find
+//! what an earlier server left behind, start the actors and serve HTTP on an already-bound
+//! listener (so tests bind `127.0.0.1:0`) until asked to shut down.
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,71 +12,164 @@ use actix::Actor;
 use actix_web::dev::{ServerHandle, Service};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
-use slog::{info, Logger};
+use slog::{error, info, warn, Logger};
 
-use crate::ansible::rundir;
+use crate::ansible::rundir::{self, RunDir};
 use crate::api::{self, AppState, ErrorMessage};
 use crate::db::{self, Pool, Target};
-use crate::persistence::Persistence;
+use crate::persistence::{DbHealth, Flush, Persistence};
 use crate::settings::Settings;
-use crate::supervisor::TaskSupervisor;
+use crate::store;
+use crate::supervisor::{Close, Orphan, Recover, TaskSpec, TaskSupervisor};
+use crate::{health, procs, time};
 
-/// The database and run directory, ready for the server.
+/// How long a pool waits for a connection before the caller is told the database is unavailable.
+const DB_WAIT: Duration = Duration::from_secs(5);
+/// How long the first connection at start may take (the database may be starting too).
+const DB_START_WAIT: Duration = Duration::from_secs(30);
+
+/// The database and run directory, ready for the server, and what an earlier server left.
 pub struct Prepared {
     pub settings: Arc<Settings>,
     pub pool: Pool,
     pub run_root: PathBuf,
+    pub recover: Recover,
 }
 
-/// Opens the database, applies pending migrations and installs the callback plugin.
+/// Opens the database, applies pending migrations, installs the callback plugin and finds the
+/// tasks an earlier server left unfinished.
 pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let target = Target::parse(&settings.effective_database_url())?;
-    let pool = db::pool(&target, settings.pool_size, Duration::from_secs(10))
+    let pool = db::pool(&target, settings.pool_size, DB_WAIT)
         .with_context(|| format!("opening {}", target.describe()))?;
-    let applied = {
-        let mut conn = pool
-            .get()
-            .with_context(|| format!("connecting to {}", target.describe()))?;
-        db::migrate(&mut conn)?
+    let deadline = Instant::now() + DB_START_WAIT;
+    let mut conn = loop {
+        match pool.get() {
+            Ok(conn) => break conn,
+            Err(e) if Instant::now() < deadline => {
+                warn!(log, "database not reachable yet, retrying"; "error" => %e);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("connecting to {}", target.describe()))
+            }
+        }
     };
+    let applied = db::migrate(&mut conn)?;
     info!(log, "database ready"; "database" => target.describe(), "migrations_applied" => applied.len());
-    if !crate::procs::become_subreaper() {
-        slog::warn!(
+    if !procs::become_subreaper() {
+        warn!(
             log,
             "cannot become a child subreaper: killed task processes are left to init to reap"
         );
     }
     let run_root = rundir::install(&settings.run_dir)
         .with_context(|| format!("preparing run directory {}", settings.run_dir.display()))?;
+    let recover = find_unfinished(&mut conn, &run_root, log)?;
+    drop(conn);
     Ok(Prepared {
         settings: Arc::new(settings),
         pool,
         run_root,
+        recover,
     })
 }
 
-/// Serves until the server is stopped (SIGINT/SIGTERM when `signals`, or through its handle).
+/// Tasks left pending or running. A task counts as started (to adopt, never to run again) if it
+/// is recorded as running by this run directory, or if its run directory already has an events
+/// file (it was started, but the server died before recording it).
+fn find_unfinished(
+    conn: &mut db::DbConnection,
+    run_root: &Path,
+    log: &Logger,
+) -> anyhow::Result<Recover> {
+    let instance = run_root.to_string_lossy().into_owned();
+    let mut orphans = Vec::new();
+    let mut pending = Vec::new();
+    for task in store::tasks_with_status(conn, &[1, 2])? {
+        if task.status == 2 && task.instance.as_deref() != Some(instance.as_str()) {
+            warn!(log, "task runs under another run directory, leaving it alone";
+                  "task_id" => task.id, "instance" => task.instance.clone());
+            continue;
+        }
+        let spec = match TaskSpec::from_row(&task) {
+            Ok(spec) => spec,
+            Err(e) => {
+                error!(log, "stored task cannot be read, leaving it alone"; "task_id" => task.id, "error" => e);
+                continue;
+            }
+        };
+        let dir = RunDir::of(run_root, task.id);
+        if task.status == 1 && !dir.events().exists() {
+            pending.push(spec);
+            continue;
+        }
+        let (pid, start_time) = match (task.pid, task.pid_start_time) {
+            (Some(pid), Some(start)) => (pid, start),
+            _ => procs::leader(&dir.mark()).unwrap_or((0, 0)),
+        };
+        let started_at = task.started_at.unwrap_or_else(time::now);
+        if task.status == 1 {
+            // Started, but not recorded: record it now so its end can follow.
+            store::mark_running(
+                conn,
+                task.id,
+                &spec.nodes,
+                started_at,
+                pid,
+                start_time,
+                &instance,
+            )?;
+        }
+        orphans.push(Orphan {
+            spec,
+            started_at,
+            pid,
+            start_time,
+            stored_offset: u64::try_from(task.events_offset).unwrap_or(0),
+        });
+    }
+    if !orphans.is_empty() || !pending.is_empty() {
+        info!(log, "unfinished tasks found"; "running" => orphans.len(), "pending" => pending.len());
+    }
+    Ok(Recover { orphans, pending })
+}
+
+/// Serves until `shutdown` completes, then shuts down gracefully: `parallel_run` callers are
+/// answered, in-flight requests finish (up to `shutdown_timeout_secs`), running tasks are left to
+/// the next start (or stopped, with `stop_tasks_on_shutdown`), and every queued write is flushed.
 pub async fn run(
     prepared: Prepared,
     listener: TcpListener,
     log: Logger,
-    signals: bool,
+    shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(ServerHandle),
 ) -> std::io::Result<()> {
     let Prepared {
         settings,
         pool,
         run_root,
+        recover,
     } = prepared;
-    let persistence = Persistence::start(pool.clone(), log.new(slog::o!("part" => "persistence")));
+    let db_health = DbHealth::new();
+    let persistence = Persistence::new(
+        pool.clone(),
+        log.new(slog::o!("part" => "persistence")),
+        db_health.clone(),
+        Duration::from_secs(settings.db_retry_secs),
+    )
+    .start();
     let supervisor =
         TaskSupervisor::new(settings.clone(), run_root, persistence.clone(), log.clone()).start();
+    supervisor.do_send(recover);
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
-        persistence,
-        supervisor,
+        persistence: persistence.clone(),
+        supervisor: supervisor.clone(),
         log: log.clone(),
+        closing,
+        health: health::Checks::new(settings.ansible_playbook.clone()),
     });
     let request_log = log.clone();
     let mut server = HttpServer::new(move || {
@@ -113,18 +208,40 @@ pub async fn run(
                 }
             })
             .configure(api::routes)
+            .configure(health::routes)
             .default_service(web::to(api::no_route))
     })
-    .listen(listener)?;
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(settings.shutdown_timeout_secs);
     if settings.workers > 0 {
         server = server.workers(settings.workers);
     }
-    if !signals {
-        server = server.disable_signals();
-    }
     let server = server.run();
-    on_start(server.handle());
-    server.await
+    let handle = server.handle();
+    on_start(handle.clone());
+    let serving = actix_web::rt::spawn(server);
+    shutdown.await;
+
+    info!(log, "shutting down"; "stop_tasks" => settings.stop_tasks_on_shutdown);
+    let _ = closing_tx.send(true);
+    let _ = supervisor
+        .send(Close {
+            stop_tasks: settings.stop_tasks_on_shutdown,
+        })
+        .await;
+    handle.stop(true).await;
+    let _ = serving.await;
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(settings.db_retry_secs),
+        persistence.send(Flush),
+    )
+    .await;
+    match flushed {
+        Ok(Ok(Ok(_))) => info!(log, "every write flushed"),
+        _ => error!(log, "writes could not be flushed before exit; the next start recovers them from the run directories"),
+    }
+    Ok(())
 }
 
 /// A header value for a log line: at most 256 characters, control characters replaced.
@@ -139,23 +256,21 @@ fn printable(bytes: &[u8]) -> String {
 /// A server running on its own thread and actix system (tests, embedding).
 pub struct Spawned {
     pub addr: SocketAddr,
-    handle: ServerHandle,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Spawned {
-    /// Stops accepting requests and waits for the server thread to end.
+    /// Shuts the server down gracefully and waits for its thread to end.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
         if let Some(thread) = self.thread.take() {
-            let handle = self.handle.clone();
-            let _ = std::thread::spawn(move || {
-                actix_web::rt::System::new().block_on(handle.stop(false))
-            })
-            .join();
             let _ = thread.join();
         }
     }
@@ -172,22 +287,26 @@ pub fn spawn(settings: Settings, log: Logger) -> anyhow::Result<Spawned> {
     let prepared = prepare(settings, &log)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let system = actix_web::rt::System::new();
-        let result = system.block_on(run(prepared, listener, log, false, move |h| {
-            let _ = tx.send(h);
+        let shutdown = async move {
+            let _ = shutdown_rx.await;
+        };
+        let result = system.block_on(run(prepared, listener, log, shutdown, move |h| {
+            let _ = started_tx.send(h);
         }));
         if let Err(e) = result {
             eprintln!("server thread ended with an error: {e}");
         }
     });
-    let handle = rx
+    started_rx
         .recv_timeout(Duration::from_secs(30))
         .context("server did not start")?;
     Ok(Spawned {
         addr,
-        handle,
+        shutdown: Some(shutdown_tx),
         thread: Some(thread),
     })
 }

@@ -46,6 +46,9 @@ pub struct Settings {
     pub stop_grace_secs: u64,
     pub parallel_run_timeout_secs: u64,
     pub body_limit: usize,
+    pub db_retry_secs: u64,
+    pub stop_tasks_on_shutdown: bool,
+    pub shutdown_timeout_secs: u64,
     pub log_format: LogFormat,
     pub log_level: String,
 }

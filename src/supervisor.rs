@@ -20,7 +20,8 @@ use crate::persistence::{FinishTask, Persistence};
 use crate::settings::Settings;
 use crate::status::Status;
 use crate::store::Finish;
-use crate::task::{Kill, TaskActor};
+use crate::store::Task;
+use crate::task::{Kill, Origin, TaskActor};
 use crate::time;
 
 /// Everything needed to run a stored task.
@@ -35,6 +36,27 @@ pub struct TaskSpec {
     pub forks: u32,
     pub correlation_id: String,
     pub source: String,
+}
+
+impl TaskSpec {
+    /// The spec of a stored task (after a restart).
+    pub fn from_row(task: &Task) -> Result<TaskSpec, String> {
+        let nodes: Vec<String> =
+            serde_json::from_str(&task.nodes).map_err(|e| format!("nodes: {e}"))?;
+        let params: Map<String, Value> =
+            serde_json::from_str(&task.params).map_err(|e| format!("params: {e}"))?;
+        Ok(TaskSpec {
+            id: task.id,
+            name: task.name.clone(),
+            nodes,
+            remote_user: task.remote_user.clone(),
+            content: task.content.clone(),
+            params,
+            forks: u32::try_from(task.forks).unwrap_or(1).max(1),
+            correlation_id: task.correlation_id.clone(),
+            source: task.source.clone(),
+        })
+    }
 }
 
 struct Running {
@@ -52,6 +74,8 @@ pub struct TaskSupervisor {
     queue: VecDeque<TaskSpec>,
     running: HashMap<i64, Running>,
     waiters: HashMap<i64, Vec<oneshot::Sender<()>>>,
+    /// Shutting down: nothing more is admitted.
+    closing: bool,
 }
 
 impl TaskSupervisor {
@@ -71,11 +95,15 @@ impl TaskSupervisor {
             queue: VecDeque::new(),
             running: HashMap::new(),
             waiters: HashMap::new(),
+            closing: false,
         }
     }
 
     /// Starts queued tasks from the head while the budget allows.
     fn admit(&mut self, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
         while let Some(head) = self.queue.front() {
             if self.used_forks + head.forks > self.settings.max_forks {
                 break;
@@ -93,6 +121,7 @@ impl TaskSupervisor {
             let addr = TaskActor::new(
                 spec,
                 time::now(),
+                Origin::Spawn,
                 self.settings.clone(),
                 self.run_root.clone(),
                 self.persistence.clone(),
@@ -297,4 +326,92 @@ pub fn stop_err() -> String {
 /// `err` of a task killed at its time limit.
 pub fn timeout_err(secs: u64) -> String {
     format!("killed after running past its time limit of {secs} s")
+}
+
+/// A task an earlier server left running (or started without recording it), to adopt.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub spec: TaskSpec,
+    pub started_at: chrono::NaiveDateTime,
+    pub pid: i32,
+    pub start_time: i64,
+    pub stored_offset: u64,
+}
+
+/// At start: adopt what an earlier server left running, and queue its pending tasks again in
+/// their original order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Recover {
+    pub orphans: Vec<Orphan>,
+    pub pending: Vec<TaskSpec>,
+}
+
+impl Handler<Recover> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
+        for orphan in msg.orphans {
+            let spec = orphan.spec;
+            let log = self
+                .log
+                .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
+            self.used_forks += spec.forks;
+            let (id, forks) = (spec.id, spec.forks);
+            let addr = TaskActor::new(
+                spec,
+                orphan.started_at,
+                Origin::Adopt {
+                    pid: orphan.pid,
+                    start_time: orphan.start_time,
+                    stored_offset: orphan.stored_offset,
+                },
+                self.settings.clone(),
+                self.run_root.clone(),
+                self.persistence.clone(),
+                ctx.address(),
+                log,
+            )
+            .start();
+            self.running.insert(id, Running { addr, forks });
+        }
+        for spec in msg.pending {
+            let at = self.queue.partition_point(|t| t.id < spec.id);
+            self.queue.insert(at, spec);
+        }
+        self.admit(ctx);
+    }
+}
+
+/// At shutdown: admit nothing more; with `stop_tasks`, stop every running task (status 5) and
+/// answer once they are recorded.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close {
+    pub stop_tasks: bool,
+}
+
+impl Handler<Close> for TaskSupervisor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, msg: Close, _: &mut Context<Self>) -> Self::Result {
+        self.closing = true;
+        if !msg.stop_tasks {
+            return Box::pin(async {});
+        }
+        let ids: Vec<i64> = self.running.keys().copied().collect();
+        let mut ends = Vec::new();
+        for id in ids {
+            if let Some(r) = self.running.get(&id) {
+                r.addr.do_send(Kill {
+                    ending: Ending::Stopped,
+                    err: "stopped because downlink was shut down".into(),
+                });
+            }
+            ends.push(self.wait_for(id));
+        }
+        Box::pin(async move {
+            for rx in ends {
+                let _ = rx.await;
+            }
+        })
+    }
 }

@@ -116,6 +116,7 @@ struct Tracked {
 pub struct Hosts {
     order: Vec<String>,
     by_host: HashMap<String, Tracked>,
+    stats_seen: bool,
 }
 
 impl Hosts {
@@ -127,12 +128,14 @@ impl Hosts {
                 .iter()
                 .map(|n| (n.clone(), Tracked::default()))
                 .collect(),
+            stats_seen: false,
         }
     }
 
     /// Adds one event.
     pub fn apply(&mut self, ev: &Event) {
         if let Some(stats) = &ev.stats {
+            self.stats_seen = true;
             for (host, counters) in stats {
                 if let Some(t) = self.by_host.get_mut(host) {
                     t.counters = *counters;
@@ -224,6 +227,11 @@ impl Hosts {
                 Some((h.clone(), kind, t.msg.clone()))
             })
             .collect()
+    }
+
+    /// Whether ansible's final stats (its PLAY RECAP) have arrived: the run reached its end.
+    pub fn has_final_stats(&self) -> bool {
+        self.stats_seen
     }
 
     /// Number of nodes.

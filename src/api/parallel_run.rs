@@ -20,8 +20,16 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let run = RunRequest::from_json(&body, &state.settings)?;
     let (id, ended) = submit(&state, &log, &caller, run, true).await?;
     let timeout = Duration::from_secs(state.settings.parallel_run_timeout_secs);
+    let mut closing = state.closing.clone();
     let finished = match ended {
-        Some(rx) => tokio::time::timeout(timeout, rx).await.is_ok(),
+        Some(rx) => tokio::select! {
+            done = tokio::time::timeout(timeout, rx) => done.is_ok(),
+            _ = closing.wait_for(|c| *c) => {
+                return Err(ApiError::Other(format!(
+                    "downlink is shutting down; task {id} goes on, check it later with /api/check"
+                )));
+            }
+        },
         None => true,
     };
     if !finished {
