@@ -90,7 +90,7 @@ fn per_host_results_match_play_recap(backend: Backend) {
     // The extra var reached the play.
     assert!(output.contains("\"msg\": \"hello\""), "{output}");
     // Events were recorded in order and end with the stats.
-    let events = downlink::store::task_events(&mut server.conn(), id).unwrap();
+    let events = server.events(id);
     assert_eq!(events.first().unwrap().kind, "playbook_start");
     assert_eq!(events.last().unwrap().kind, "stats");
     assert!(events.windows(2).all(|w| w[0].seq + 1 == w[1].seq));

@@ -210,33 +210,53 @@ impl TestServer {
         self.pool.get().expect("test connection")
     }
 
+    /// Runs a read, retrying for up to a minute while the database is away (outage tests).
+    pub fn read<T>(&self, f: impl Fn(&mut DbConnection) -> Result<T, store::StoreError>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let result = self
+                .pool
+                .get()
+                .map_err(store::StoreError::from)
+                .and_then(|mut c| f(&mut c));
+            match result {
+                Ok(v) => return v,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("test read failed: {e}"),
+            }
+        }
+    }
+
     pub fn task(&self, id: i64) -> Task {
-        store::get_task(&mut self.conn(), id)
-            .expect("read task")
-            .expect("task exists")
+        self.read(|c| store::get_task(c, id)).expect("task exists")
     }
 
     /// The id of the task with this name.
     pub fn id_of(&self, name: &str) -> i64 {
         use diesel::prelude::*;
         use downlink::schema::tasks;
-        tasks::table
-            .filter(tasks::name.eq(name))
-            .select(tasks::id)
-            .first(&mut self.conn() as &mut DbConnection)
-            .expect("task by name")
+        self.read(|c| {
+            Ok(tasks::table
+                .filter(tasks::name.eq(name))
+                .select(tasks::id)
+                .first(c)?)
+        })
     }
 
     pub fn hosts(&self, id: i64) -> Vec<HostRow> {
-        store::task_hosts(&mut self.conn(), id).expect("read hosts")
+        self.read(|c| store::task_hosts(c, id))
+    }
+
+    pub fn events(&self, id: i64) -> Vec<store::NewEvent> {
+        self.read(|c| store::task_events(c, id))
     }
 
     pub fn task_count(&self) -> i64 {
         use diesel::prelude::*;
-        downlink::schema::tasks::table
-            .count()
-            .get_result(&mut self.conn() as &mut DbConnection)
-            .expect("count")
+        self.read(|c| Ok(downlink::schema::tasks::table.count().get_result(c)?))
     }
 
     /// Waits until the task has one of these statuses; panics after `secs`.
@@ -281,6 +301,129 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The `downlink` binary as a separate process (for crash and signal tests), configured through
+/// `DOWNLINK_*` variables, logging JSON lines to `<dir>/server-N.log`.
+pub struct BinServer {
+    pub child: std::process::Child,
+    pub base: String,
+    pub log_path: PathBuf,
+    /// When the process was spawned (wall clock, to compare with its log lines).
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
+/// The `DOWNLINK_*` variables for these settings.
+pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("DOWNLINK_DATABASE_URL", s.database_url.clone()),
+        ("DOWNLINK_ANSIBLE_PLAYBOOK", s.ansible_playbook.clone()),
+        ("DOWNLINK_SSH_PRIVATE_KEY", s.ssh_private_key.clone()),
+        ("DOWNLINK_SSH_PORT", s.ssh_port.to_string()),
+        ("DOWNLINK_SSH_COMMON_ARGS", s.ssh_common_args.clone()),
+        (
+            "DOWNLINK_ANSIBLE_PYTHON_INTERPRETER",
+            s.ansible_python_interpreter.clone(),
+        ),
+        ("DOWNLINK_RUN_DIR", s.run_dir.to_string_lossy().into_owned()),
+        ("DOWNLINK_MAX_FORKS", s.max_forks.to_string()),
+        ("DOWNLINK_STOP_GRACE_SECS", s.stop_grace_secs.to_string()),
+        (
+            "DOWNLINK_STOP_TASKS_ON_SHUTDOWN",
+            s.stop_tasks_on_shutdown.to_string(),
+        ),
+        ("DOWNLINK_WORKERS", s.workers.to_string()),
+        ("DOWNLINK_LOG_FORMAT", "json".to_owned()),
+        ("DOWNLINK_LOG_LEVEL", "info".to_owned()),
+    ];
+    env.sort();
+    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+impl BinServer {
+    /// Starts the binary on a free port and waits until `/healthz` answers.
+    pub fn start(settings: &Settings, dir: &Path) -> BinServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let log_path = dir.join(format!("server-{}.log", unique("run")));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let started = chrono::Utc::now();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_downlink"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .envs(settings_env(settings))
+            .env("DOWNLINK_BIND", format!("127.0.0.1:{port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("downlink binary starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build();
+        while agent.get(&format!("{base}/healthz")).call().is_err() {
+            assert!(Instant::now() < deadline, "server did not answer /healthz");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        BinServer {
+            child,
+            base,
+            log_path,
+            started,
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        request(
+            "POST",
+            &format!("{}{path}", self.base),
+            &[("X-CORRELATION-ID", "1-1"), ("X-RESOURCE", "orion")],
+            body,
+        )
+    }
+
+    /// Sends a signal to the server process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal the server");
+    }
+
+    /// Waits for the process to exit; its exit code and how long it took.
+    pub fn wait_exit(&mut self, secs: u64) -> (Option<i32>, Duration) {
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status.code(), t.elapsed());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "server still running after {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The JSON log lines written so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for BinServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -356,4 +499,20 @@ pub fn play_recap(output: &str) -> Vec<(String, [i32; 7])> {
         out.push((host.trim().to_owned(), counts));
     }
     out
+}
+
+/// Records a measured figure: printed, and appended to `target/tmp/figures.txt`, which
+/// `scripts/test` shows at the end of the run.
+pub fn figure(name: &str, value: impl std::fmt::Display) {
+    use std::io::Write;
+    let line = format!("{name} = {value}");
+    println!("FIGURE {line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("figures.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
 }

@@ -6,3 +6,4 @@ mod cli;
 mod contract;
 mod execution;
 pub mod harness;
+mod recovery;

@@ -1,0 +1,359 @@
+//! Tasks survive the agent: kill -9 and restart, graceful shutdown, and a stop that leaves no
+//! process behind, checked in `/proc`.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::both_backends;
+use crate::harness::{
+    run_body, task_processes, test_settings, BinServer, TempDir, TestDb, TestServer, DEAD, HOSTS,
+};
+use downlink::db::{self, Target};
+use downlink::store::{self, HostRow, Task};
+
+/// What a task's outcome is, without times: status, err, exit code, host results and counters.
+type Outcome = (
+    i32,
+    Option<String>,
+    Vec<(String, Option<String>, [i32; 7], Option<String>)>,
+);
+
+fn outcome(task: &Task, hosts: &[HostRow]) -> Outcome {
+    (
+        task.status,
+        task.err.clone(),
+        hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.host.clone(),
+                    h.result.clone(),
+                    [
+                        h.ok,
+                        h.changed,
+                        h.failed,
+                        h.unreachable,
+                        h.skipped,
+                        h.rescued,
+                        h.ignored,
+                    ],
+                    h.msg.clone(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A view of a database for a separately running server.
+struct Db {
+    pool: db::Pool,
+}
+
+impl Db {
+    fn open(url: &str) -> Db {
+        let target = Target::parse(url).unwrap();
+        Db {
+            pool: db::pool(&target, 2, Duration::from_secs(10)).unwrap(),
+        }
+    }
+    fn task(&self, id: i64) -> Task {
+        store::get_task(&mut self.pool.get().unwrap(), id)
+            .unwrap()
+            .unwrap()
+    }
+    fn hosts(&self, id: i64) -> Vec<HostRow> {
+        store::task_hosts(&mut self.pool.get().unwrap(), id).unwrap()
+    }
+    fn wait_status(&self, id: i64, statuses: &[i32], secs: u64) -> Task {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let t = self.task(id);
+            if statuses.contains(&t.status) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} has status {} after {secs} s",
+                t.status
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn run(server: &BinServer, body: serde_json::Value) -> i64 {
+    let (_, text) = server.post("/api/run", &body.to_string());
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["content"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("run refused: {text}"))
+}
+
+const LONG: &str = "- command: sleep 6\n  changed_when: true\n- ping:\n";
+const VICTIM: &str = "- command: sleep 60\n";
+
+/// The tasks of the crash test: (name, nodes, playbook).
+fn crash_tasks() -> Vec<(&'static str, Vec<&'static str>, &'static str)> {
+    vec![
+        ("long", HOSTS.to_vec(), LONG),
+        ("short-fail", vec![HOSTS[0], DEAD], "- ping:\n"),
+        ("short-ok", vec![HOSTS[1]], "- command: sleep 1\n"),
+    ]
+}
+
+both_backends!(kill_9_and_restart_end_every_task_as_without_a_crash);
+
+fn kill_9_and_restart_end_every_task_as_without_a_crash(backend: crate::harness::Backend) {
+    // The reference: the same tasks on a server that does not crash.
+    let reference = TestServer::start(backend);
+    let mut expected = Vec::new();
+    for (name, nodes, playbook) in crash_tasks() {
+        let id = reference.run(run_body(name, &nodes, playbook));
+        let task = reference.wait_end(id, 90);
+        expected.push(outcome(&task, &reference.hosts(id)));
+    }
+    drop(reference);
+
+    let dir = TempDir::new();
+    let db = TestDb::new(backend, &dir.0);
+    let mut settings = test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    // long (3) + short-fail (2) + short-ok (1) + victim (1) fill the budget: "later" waits.
+    settings.max_forks = 7;
+    let view = Db::open(&db.url);
+    let mut first = BinServer::start(&settings, &dir.0);
+    let ids: Vec<i64> = crash_tasks()
+        .into_iter()
+        .map(|(name, nodes, playbook)| run(&first, run_body(name, &nodes, playbook)))
+        .collect();
+    let victim = run(&first, run_body("victim", &[HOSTS[2]], VICTIM));
+    let later = run(&first, run_body("later", &[HOSTS[0]], "- ping:\n"));
+    for id in ids.iter().chain([&victim]) {
+        view.wait_status(*id, &[2], 30);
+    }
+    assert_eq!(view.task(later).status, 1);
+    // Let the tasks get going, then crash the server and kill one task's whole process group.
+    std::thread::sleep(Duration::from_millis(1500));
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(10);
+    let victim_pid = view.task(victim).pid.expect("victim pid recorded");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(victim_pid), Signal::SIGKILL).unwrap();
+    // The short tasks end while no server runs.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let second = BinServer::start(&settings, &dir.0);
+    for (i, id) in ids.iter().enumerate() {
+        let task = view.wait_status(*id, &[3, 4, 5, 6, 7], 90);
+        assert_eq!(
+            outcome(&task, &view.hosts(*id)),
+            expected[i],
+            "task {}",
+            task.name
+        );
+    }
+    let victim_task = view.wait_status(victim, &[3, 4, 5, 6, 7], 30);
+    assert_eq!(victim_task.status, 7, "{victim_task:?}");
+    assert_eq!(
+        victim_task.err,
+        Some(format!(
+            "ansible-playbook (pid {victim_pid}) was gone when downlink restarted"
+        ))
+    );
+    assert_eq!(view.hosts(victim)[0].result.as_deref(), Some("interrupted"));
+    let later_task = view.wait_status(later, &[3, 4, 5, 6, 7], 60);
+    assert_eq!(
+        later_task.status, 4,
+        "the pending task ran after the restart"
+    );
+    // Every event of the files is stored once, in order.
+    for id in ids.iter().chain([&later]) {
+        let events = store::task_events(&mut view.pool.get().unwrap(), *id).unwrap();
+        let lines =
+            std::fs::read_to_string(settings.run_dir.join(id.to_string()).join("events.jsonl"))
+                .unwrap()
+                .lines()
+                .count();
+        assert_eq!(events.len(), lines, "task {id}");
+        assert!(events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq == i as i32 + 1));
+    }
+    // How long the second server took to re-adopt the long task.
+    let adopted = second
+        .log_lines()
+        .into_iter()
+        .find(|l| l["msg"] == "re-adopted a running task")
+        .expect("the long task was re-adopted");
+    crate::harness::figure(
+        &format!("restart_to_readoption_ms ({backend:?})"),
+        adoption_ms(&second, &adopted),
+    );
+}
+
+/// Milliseconds from the spawn of the server process to `line`.
+fn adoption_ms(server: &BinServer, line: &serde_json::Value) -> i64 {
+    let at = chrono::DateTime::parse_from_rfc3339(line["ts"].as_str().unwrap_or_default()).unwrap();
+    (at.with_timezone(&chrono::Utc) - server.started).num_milliseconds()
+}
+
+#[test]
+fn sigterm_exits_at_once_and_the_next_start_adopts() {
+    let dir = TempDir::new();
+    let db = TestDb::new(crate::harness::Backend::Sqlite, &dir.0);
+    let mut settings = test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    let view = Db::open(&db.url);
+    let mut first = BinServer::start(&settings, &dir.0);
+    let id = run(&first, run_body("through-restart", &HOSTS[..2], LONG));
+    view.wait_status(id, &[2], 30);
+    // A parallel_run caller waiting when the server goes down gets an answer, not a dropped line.
+    let base = first.base.clone();
+    let waiter = std::thread::spawn(move || {
+        crate::harness::request(
+            "POST",
+            &format!("{base}/api/parallel_run"),
+            &[("X-CORRELATION-ID", "2-2"), ("X-RESOURCE", "orion")],
+            &run_body("waited", &[HOSTS[2]], "- command: sleep 30\n").to_string(),
+        )
+    });
+    let waited = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = store::tasks_with_status(&mut view.pool.get().unwrap(), &[2]).unwrap();
+            if let Some(t) = t.iter().find(|t| t.name == "waited") {
+                break t.id;
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    first.signal(Signal::SIGTERM);
+    let (code, took) = first.wait_exit(15);
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    crate::harness::figure("sigterm_to_exit_ms", took.as_millis());
+    let (status, body) = waiter.join().unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"code": -1, "message": format!(
+            "downlink is shutting down; task {waited} goes on, check it later with /api/check")})
+            .to_string()
+        )
+    );
+    // The tasks still run, with nobody watching; the next start adopts them.
+    assert_eq!(view.task(id).status, 2);
+    assert!(!task_processes(
+        &settings
+            .run_dir
+            .canonicalize()
+            .unwrap()
+            .join(id.to_string())
+    )
+    .is_empty());
+    let second = BinServer::start(&settings, &dir.0);
+    let task = view.wait_status(id, &[3, 4, 5, 6, 7], 60);
+    assert_eq!(task.status, 4, "{task:?}");
+    let results: Vec<_> = view
+        .hosts(id)
+        .into_iter()
+        .map(|h| (h.result, h.ok, h.changed))
+        .collect();
+    assert_eq!(results, vec![(Some("ok".to_owned()), 2, 1); 2]);
+    let stop = second.post(
+        "/api/stop",
+        &json!({"id": waited, "name": "waited"}).to_string(),
+    );
+    assert_eq!(stop, (200, "{\"code\":0,\"content\":{}}".to_owned()));
+    assert_eq!(view.task(waited).status, 5);
+}
+
+#[test]
+fn sigterm_with_stop_tasks_on_shutdown_stops_them() {
+    let dir = TempDir::new();
+    let db = TestDb::new(crate::harness::Backend::Sqlite, &dir.0);
+    let mut settings = test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    settings.stop_tasks_on_shutdown = true;
+    let view = Db::open(&db.url);
+    let mut server = BinServer::start(&settings, &dir.0);
+    let id = run(&server, run_body("stopped-at-shutdown", &HOSTS, VICTIM));
+    view.wait_status(id, &[2], 30);
+    std::thread::sleep(Duration::from_millis(500));
+    server.signal(Signal::SIGTERM);
+    let (code, _) = server.wait_exit(20);
+    assert_eq!(code, Some(0));
+    let task = view.task(id);
+    assert_eq!(task.status, 5);
+    assert_eq!(
+        task.err.as_deref(),
+        Some("stopped because downlink was shut down")
+    );
+    assert!(task_processes(
+        &settings
+            .run_dir
+            .canonicalize()
+            .unwrap()
+            .join(id.to_string())
+    )
+    .is_empty());
+}
+
+#[test]
+fn twenty_stops_leave_no_process_of_the_task() {
+    let server = TestServer::start(crate::harness::Backend::Sqlite);
+    let mut left = 0;
+    let mut detached_masters = 0;
+    for i in 0..20 {
+        let name = format!("stop-{i}");
+        let id = server.run(run_body(&name, &HOSTS, VICTIM));
+        server.wait_status(id, &[2], 30);
+        let dir = server.run_dir(id);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let leader = loop {
+            let t = server.task(id);
+            let pids = task_processes(&dir);
+            let ssh: Vec<i32> = pids.iter().copied().filter(|p| comm(*p) == "ssh").collect();
+            if ssh.len() >= 3 {
+                break t.pid.unwrap();
+            }
+            assert!(Instant::now() < deadline, "no SSH connections after 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // ControlPersist masters leave the task's session: the marker still finds them.
+        detached_masters += task_processes(&dir)
+            .into_iter()
+            .filter(|p| session(*p) != Some(leader))
+            .count();
+        server.call("/api/stop", json!({"id": id, "name": name}));
+        left += task_processes(&dir).len();
+        assert_eq!(server.task(id).status, 5);
+    }
+    println!(
+        "FIGURE processes_left_after_20_stops={left} detached_ssh_masters_seen={detached_masters}"
+    );
+    assert_eq!(left, 0);
+    assert!(
+        detached_masters > 0,
+        "the test never saw a detached SSH master"
+    );
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn session(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}

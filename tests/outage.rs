@@ -1,0 +1,205 @@
+//! Database outages: PostgreSQL restarted or stopped under a running server. A test binary of its
+//! own because it takes PostgreSQL away from everything else (cargo runs test binaries one after
+//! another), and its tests hold a lock so they never overlap either.
+
+#[path = "it/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use harness::{run_body, Backend, TestServer, DEAD, HOSTS};
+use serde_json::json;
+
+static POSTGRES: Mutex<()> = Mutex::new(());
+
+fn pg_ctl(action: &str) {
+    let cluster = std::env::var("DLTEST_PG_CLUSTER")
+        .expect("DLTEST_PG_CLUSTER is not set: run the tests with scripts/test");
+    let mut args: Vec<&str> = cluster.split_whitespace().collect();
+    args.push(action);
+    let out = Command::new("pg_ctlcluster")
+        .args(&args)
+        .output()
+        .expect("pg_ctlcluster runs (as root)");
+    assert!(
+        out.status.success(),
+        "pg_ctlcluster {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (name, nodes) of the 20 tasks.
+fn twenty() -> Vec<(String, Vec<&'static str>)> {
+    (0..20)
+        .map(|i| {
+            let nodes = if i % 4 == 0 {
+                vec![HOSTS[0], DEAD]
+            } else {
+                HOSTS.to_vec()
+            };
+            (format!("outage-{i}"), nodes)
+        })
+        .collect()
+}
+
+const PLAY: &str = "- ping:\n- command: sleep 2\n- ping:\n";
+
+type Rows = Vec<(String, i32, Option<String>, Vec<String>, Vec<String>)>;
+
+/// Every row of the 20 tasks, without times and ids: status, err, hosts, events.
+fn rows(server: &TestServer) -> Rows {
+    twenty()
+        .into_iter()
+        .map(|(name, _)| {
+            let id = server.id_of(&name);
+            let task = server.wait_end(id, 300);
+            let hosts = server
+                .hosts(id)
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} {:?} {} {} {} {} {} {} {} {:?}",
+                        h.host,
+                        h.result,
+                        h.ok,
+                        h.changed,
+                        h.failed,
+                        h.unreachable,
+                        h.skipped,
+                        h.rescued,
+                        h.ignored,
+                        h.msg
+                    )
+                })
+                .collect();
+            let stored = server.events(id);
+            assert!(
+                stored
+                    .iter()
+                    .enumerate()
+                    .all(|(i, e)| e.seq == i as i32 + 1),
+                "{name}: event sequence has gaps or repeats"
+            );
+            // Hosts answer in any order from run to run: compare the events as a sorted list.
+            let mut events: Vec<String> = stored
+                .iter()
+                .map(|e| format!("{:?} {} {:?}", e.host, e.kind, e.task_name))
+                .collect();
+            events.sort();
+            (name, task.status, task.err, hosts, events)
+        })
+        .collect()
+}
+
+fn start_all(server: &TestServer) {
+    for (name, nodes) in twenty() {
+        server.run(run_body(&name, &nodes, PLAY));
+    }
+}
+
+#[test]
+fn postgres_restart_while_twenty_tasks_run_loses_no_row() {
+    let _only = POSTGRES.lock().unwrap_or_else(|e| e.into_inner());
+    let t = Instant::now();
+    let reference = TestServer::start_with(Backend::Postgres, |s| s.max_forks = 100);
+    start_all(&reference);
+    let expected = rows(&reference);
+    drop(reference);
+    harness::figure("twenty_tasks_reference_run_ms", t.elapsed().as_millis());
+
+    let server = TestServer::start_with(Backend::Postgres, |s| s.max_forks = 100);
+    start_all(&server);
+    // Restart while the tasks are mid-way (their sleep 2 is running).
+    let first = server.id_of("outage-0");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.events(first).len() < 4 {
+        assert!(Instant::now() < deadline, "tasks did not get going");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    pg_ctl("restart");
+    harness::figure("postgres_restart_ms", t.elapsed().as_millis());
+    let got = rows(&server);
+    harness::figure(
+        "twenty_tasks_with_postgres_restart_ms",
+        t.elapsed().as_millis(),
+    );
+    let lost: usize = expected
+        .iter()
+        .zip(&got)
+        .map(|(e, g)| {
+            usize::from(e.1 != g.1 || e.2 != g.2)
+                + e.3.iter().filter(|h| !g.3.contains(h)).count()
+                + e.4.iter().filter(|ev| !g.4.contains(ev)).count()
+        })
+        .sum();
+    harness::figure("rows_lost_across_postgres_restart", lost);
+    for (e, g) in expected.iter().zip(&got) {
+        assert_eq!(
+            g, e,
+            "task {} differs from the run without the restart",
+            e.0
+        );
+    }
+}
+
+#[test]
+fn readyz_and_run_follow_postgres_down_and_up() {
+    let _only = POSTGRES.lock().unwrap_or_else(|e| e.into_inner());
+    let server = TestServer::start(Backend::Postgres);
+    let ready =
+        |server: &TestServer| harness::request("GET", &format!("{}/readyz", server.base), &[], "");
+    assert_eq!(
+        ready(&server),
+        (
+            200,
+            json!({"code": 0, "content": {"database": "ok", "migrations": "ok", "ansible": "ok"}})
+                .to_string()
+        )
+    );
+    let id = server.run(run_body("before", &[HOSTS[0]], "- ping:\n"));
+    server.wait_end(id, 60);
+    pg_ctl("stop");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (status, body) = ready(&server);
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.starts_with("{\"code\":-1,\"message\":\"not ready: database unreachable"),
+            "{body}"
+        );
+        let unavailable =
+            json!({"code": -1, "message": "database unavailable, retry later"}).to_string();
+        let (_, body) = server.post(
+            "/api/run",
+            &run_body("during", &[HOSTS[0]], "- ping:\n").to_string(),
+        );
+        assert_eq!(body, unavailable);
+        let (_, body) = server.post(
+            "/api/check",
+            &json!({"id": id, "name": "before"}).to_string(),
+        );
+        assert_eq!(body, unavailable);
+        assert_eq!(
+            harness::request("GET", &format!("{}/healthz", server.base), &[], "").0,
+            200
+        );
+    }));
+    pg_ctl("start");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(&server).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after PostgreSQL came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(server.task_count(), 1, "the refused run stored nothing");
+    let id = server.run(run_body("after", &[HOSTS[0]], "- ping:\n"));
+    assert_eq!(server.wait_end(id, 60).status, 4);
+}
