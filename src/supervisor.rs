@@ -111,26 +111,42 @@ impl TaskSupervisor {
             let Some(spec) = self.queue.pop_front() else {
                 break;
             };
-            self.used_forks += spec.forks;
-            let log = self
-                .log
-                .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
-            info!(log, "task admitted"; "forks" => spec.forks, "forks_in_use" => self.used_forks);
-            let id = spec.id;
-            let forks = spec.forks;
-            let addr = TaskActor::new(
-                spec,
-                time::now(),
-                Origin::Spawn,
-                self.settings.clone(),
-                self.run_root.clone(),
-                self.persistence.clone(),
-                ctx.address(),
-                log,
-            )
-            .start();
-            self.running.insert(id, Running { addr, forks });
+            self.start_task(spec, time::now(), Origin::Spawn, ctx);
         }
+    }
+
+    /// Charges the task's forks and starts its actor.
+    fn start_task(
+        &mut self,
+        spec: TaskSpec,
+        started_at: chrono::NaiveDateTime,
+        origin: Origin,
+        ctx: &mut Context<Self>,
+    ) {
+        self.used_forks += spec.forks;
+        let log = self
+            .log
+            .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
+        info!(log, "task admitted"; "forks" => spec.forks, "forks_in_use" => self.used_forks);
+        let (id, forks) = (spec.id, spec.forks);
+        let addr = TaskActor::new(
+            spec,
+            started_at,
+            origin,
+            self.settings.clone(),
+            self.run_root.clone(),
+            self.persistence.clone(),
+            ctx.address(),
+            log,
+        )
+        .start();
+        self.running.insert(id, Running { addr, forks });
+    }
+
+    /// Queues a task in id (arrival) order, even if two inserts answered out of order.
+    fn queue_in_order(&mut self, spec: TaskSpec) {
+        let at = self.queue.partition_point(|t| t.id < spec.id);
+        self.queue.insert(at, spec);
     }
 
     fn wait_for(&mut self, id: i64) -> oneshot::Receiver<()> {
@@ -162,9 +178,7 @@ impl Handler<Enqueue> for TaskSupervisor {
     type Result = Option<oneshot::Receiver<()>>;
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.spec.id;
-        // Keep id order even if two inserts answer out of order.
-        let at = self.queue.partition_point(|t| t.id < id);
-        self.queue.insert(at, msg.spec);
+        self.queue_in_order(msg.spec);
         let rx = msg.wait.then(|| self.wait_for(id));
         self.admit(ctx);
         rx
@@ -351,32 +365,15 @@ impl Handler<Recover> for TaskSupervisor {
     type Result = ();
     fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
         for orphan in msg.orphans {
-            let spec = orphan.spec;
-            let log = self
-                .log
-                .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
-            self.used_forks += spec.forks;
-            let (id, forks) = (spec.id, spec.forks);
-            let addr = TaskActor::new(
-                spec,
-                orphan.started_at,
-                Origin::Adopt {
-                    pid: orphan.pid,
-                    start_time: orphan.start_time,
-                    stored_offset: orphan.stored_offset,
-                },
-                self.settings.clone(),
-                self.run_root.clone(),
-                self.persistence.clone(),
-                ctx.address(),
-                log,
-            )
-            .start();
-            self.running.insert(id, Running { addr, forks });
+            let origin = Origin::Adopt {
+                pid: orphan.pid,
+                start_time: orphan.start_time,
+                stored_offset: orphan.stored_offset,
+            };
+            self.start_task(orphan.spec, orphan.started_at, origin, ctx);
         }
         for spec in msg.pending {
-            let at = self.queue.partition_point(|t| t.id < spec.id);
-            self.queue.insert(at, spec);
+            self.queue_in_order(spec);
         }
         self.admit(ctx);
     }

@@ -144,6 +144,12 @@ fn nodes(map: &Map<String, Value>, max: usize) -> Result<Vec<String>, ApiError> 
     let mut nodes = Vec::with_capacity(list.len());
     for value in list {
         let node = value.as_str().ok_or_else(not_strings)?;
+        if RESERVED_NODES.contains(&node) {
+            return Err(ApiError::param(
+                "nodes",
+                format!("`{node}` is the name of an ansible group, not a host"),
+            ));
+        }
         if !is_node(node) {
             let shown: String = node.chars().take(64).collect();
             return Err(ApiError::param(
@@ -168,6 +174,9 @@ fn fork_num(value: &Value, max: u32) -> Result<u32, ApiError> {
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| ApiError::param("fork_num", format!("must be an integer from 1 to {max}")))
 }
+
+/// Names ansible gives to its implicit groups: a host of that name would be mistaken for them.
+const RESERVED_NODES: &[&str] = &["all", "ungrouped"];
 
 /// An IPv4 or IPv6 literal, or a DNS host name.
 pub fn is_node(s: &str) -> bool {
@@ -238,6 +247,7 @@ mod tests {
             ("nodes", json!("127.0.0.2"), "param error, error: nodes: must be an array of strings"),
             ("nodes", json!(["a b"]), "param error, error: nodes: `a b` is not an IP address or host name"),
             ("nodes", json!(["1.2.3.999"]), "param error, error: nodes: `1.2.3.999` is not an IP address or host name"),
+            ("nodes", json!(["all"]), "param error, error: nodes: `all` is the name of an ansible group, not a host"),
             ("user", json!("root;id"), "param error, error: user: must be a POSIX user name (letters, digits, '.', '_', '-'; at most 32)"),
             ("user", json!(1), "param error, error: user: must be a string"),
             ("name", json!(""), "param error, error: name: must not be empty"),

@@ -83,6 +83,20 @@ impl Db {
     }
 }
 
+/// A directory, a fresh database, settings for a binary server on them, and a view of the database.
+fn setup(
+    backend: crate::harness::Backend,
+    tweak: impl FnOnce(&mut downlink::settings::Settings),
+) -> (TempDir, TestDb, downlink::settings::Settings, Db) {
+    let dir = TempDir::new();
+    let db = TestDb::new(backend, &dir.0);
+    let mut settings = test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    tweak(&mut settings);
+    let view = Db::open(&db.url);
+    (dir, db, settings, view)
+}
+
 fn run(server: &BinServer, body: serde_json::Value) -> i64 {
     let (_, text) = server.post("/api/run", &body.to_string());
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -116,13 +130,8 @@ fn kill_9_and_restart_end_every_task_as_without_a_crash(backend: crate::harness:
     }
     drop(reference);
 
-    let dir = TempDir::new();
-    let db = TestDb::new(backend, &dir.0);
-    let mut settings = test_settings(&dir.0);
-    settings.database_url = db.url.clone();
     // long (3) + short-fail (2) + short-ok (1) + victim (1) fill the budget: "later" waits.
-    settings.max_forks = 7;
-    let view = Db::open(&db.url);
+    let (dir, _db, settings, view) = setup(backend, |s| s.max_forks = 7);
     let mut first = BinServer::start(&settings, &dir.0);
     let ids: Vec<i64> = crash_tasks()
         .into_iter()
@@ -201,11 +210,7 @@ fn adoption_ms(server: &BinServer, line: &serde_json::Value) -> i64 {
 
 #[test]
 fn sigterm_exits_at_once_and_the_next_start_adopts() {
-    let dir = TempDir::new();
-    let db = TestDb::new(crate::harness::Backend::Sqlite, &dir.0);
-    let mut settings = test_settings(&dir.0);
-    settings.database_url = db.url.clone();
-    let view = Db::open(&db.url);
+    let (dir, _db, settings, view) = setup(crate::harness::Backend::Sqlite, |_| {});
     let mut first = BinServer::start(&settings, &dir.0);
     let id = run(&first, run_body("through-restart", &HOSTS[..2], LONG));
     view.wait_status(id, &[2], 30);
@@ -274,12 +279,9 @@ fn sigterm_exits_at_once_and_the_next_start_adopts() {
 
 #[test]
 fn sigterm_with_stop_tasks_on_shutdown_stops_them() {
-    let dir = TempDir::new();
-    let db = TestDb::new(crate::harness::Backend::Sqlite, &dir.0);
-    let mut settings = test_settings(&dir.0);
-    settings.database_url = db.url.clone();
-    settings.stop_tasks_on_shutdown = true;
-    let view = Db::open(&db.url);
+    let (dir, _db, settings, view) = setup(crate::harness::Backend::Sqlite, |s| {
+        s.stop_tasks_on_shutdown = true
+    });
     let mut server = BinServer::start(&settings, &dir.0);
     let id = run(&server, run_body("stopped-at-shutdown", &HOSTS, VICTIM));
     view.wait_status(id, &[2], 30);
@@ -333,9 +335,8 @@ fn twenty_stops_leave_no_process_of_the_task() {
         left += task_processes(&dir).len();
         assert_eq!(server.task(id).status, 5);
     }
-    println!(
-        "FIGURE processes_left_after_20_stops={left} detached_ssh_masters_seen={detached_masters}"
-    );
+    crate::harness::figure("processes_left_after_20_stops", left);
+    crate::harness::figure("detached_ssh_masters_seen_in_20_stops", detached_masters);
     assert_eq!(left, 0);
     assert!(
         detached_masters > 0,
