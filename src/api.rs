@@ -75,6 +75,8 @@ pub enum ApiError {
     NoRoute,
     #[error("method not allowed")]
     Method,
+    #[error("unauthorized")]
+    Unauthorized(crate::auth::Refusal),
     #[error("{0}")]
     Other(String),
 }
@@ -102,6 +104,8 @@ impl ResponseError for ApiError {
             // Existing clients read `code` and some raise on 4xx: every envelope answer is 200.
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized(crate::auth::Refusal::Token) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(crate::auth::Refusal::Network) => StatusCode::FORBIDDEN,
             _ => StatusCode::OK,
         }
     }
@@ -112,6 +116,12 @@ impl ResponseError for ApiError {
             code: -1,
             message: &message,
         });
+        if let ApiError::Unauthorized(crate::auth::Refusal::Token) = self {
+            res.headers_mut().insert(
+                actix_web::http::header::WWW_AUTHENTICATE,
+                actix_web::http::header::HeaderValue::from_static("Bearer"),
+            );
+        }
         res.extensions_mut().insert(ErrorMessage(message));
         res
     }

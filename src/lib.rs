@@ -13,12 +13,13 @@
 //! - [`store`]: diesel queries shared by both backends; [`db`]: connections, pool, migrations.
 //! - [`ansible`]: playbook and params shapes, the run directory, the callback plugin's events.
 //! - [`procs`]: finding and killing a task's processes through `/proc`.
-//! - [`health`]: `/healthz` and `/readyz`.
+//! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`.
 //! - [`settings`], [`logging`], [`server`] (wiring, restart recovery, graceful shutdown),
 //!   [`status`], [`time`].
 
 pub mod ansible;
 pub mod api;
+pub mod auth;
 pub mod db;
 pub mod health;
 pub mod logging;

@@ -31,10 +31,21 @@ enum Command {
     Migrate,
     /// Print the effective settings (secrets redacted) and exit.
     Settings,
+    /// Read a bearer token on standard input and print its SHA-256 for `auth_token_hashes`.
+    HashToken,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::HashToken = cli.command {
+        let mut token = String::new();
+        if std::io::stdin().read_line(&mut token).is_err() || token.trim().is_empty() {
+            eprintln!("downlink: give the token on standard input");
+            return ExitCode::from(2);
+        }
+        println!("{}", downlink::auth::hash_token(token.trim()));
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
@@ -46,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve => serve(settings, &log),
         Command::Migrate => server::prepare(settings, &log).map(|_| ()),
+        Command::HashToken => Ok(()),
         Command::Settings => {
             let mut shown = settings.clone();
             shown.database_url = db::redact(&shown.database_url);
@@ -86,8 +98,17 @@ async fn signal() {
 
 fn serve(settings: Settings, log: &slog::Logger) -> anyhow::Result<()> {
     let bind = settings.bind.clone();
+    let addr: std::net::SocketAddr = bind
+        .parse()
+        .with_context(|| format!("bind `{bind}` is not an address:port"))?;
+    let access = downlink::auth::Access::from_settings(&settings)?;
+    match downlink::auth::check_exposure(&settings, &access, addr) {
+        Ok(Some(warning)) => slog::warn!(log, "{}", warning),
+        Ok(None) => {}
+        Err(refusal) => anyhow::bail!(refusal),
+    }
     let prepared = server::prepare(settings, log)?;
-    let listener = TcpListener::bind(&bind).with_context(|| format!("binding {bind}"))?;
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {bind}"))?;
     info!(log, "listening"; "address" => listener.local_addr()?.to_string());
     actix_web::rt::System::new()
         .block_on(server::run(

@@ -15,13 +15,17 @@ use anyhow::Context as _;
 use slog::{error, info, warn, Logger};
 
 use crate::ansible::rundir::{self, RunDir};
-use crate::api::{self, AppState, ErrorMessage};
+use crate::api::{self, ApiError, AppState, ErrorMessage};
+use crate::auth::{Access, OPEN_PATHS};
 use crate::db::{self, Pool, Target};
 use crate::persistence::{DbHealth, Flush, Persistence};
 use crate::settings::Settings;
 use crate::store;
 use crate::supervisor::{Close, Orphan, Recover, TaskSpec, TaskSupervisor};
 use crate::{health, procs, time};
+use actix_web::http::header::AUTHORIZATION;
+use actix_web::ResponseError;
+use futures_util::future::Either;
 
 /// How long a pool waits for a connection before the caller is told the database is unavailable.
 const DB_WAIT: Duration = Duration::from_secs(5);
@@ -171,11 +175,33 @@ pub async fn run(
         closing,
         health: health::Checks::new(settings.ansible_playbook.clone()),
     });
+    let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);
     let request_log = log.clone();
     let mut server = HttpServer::new(move || {
         let log = request_log.clone();
+        let auth_log = request_log.clone();
+        let access = access.clone();
         App::new()
             .app_data(state.clone())
+            .wrap_fn(move |req, srv| {
+                // Inner: refuses callers that do not belong before any handler runs.
+                let refused = if OPEN_PATHS.contains(&req.path()) {
+                    None
+                } else {
+                    let peer = req.peer_addr().map(|a| a.ip());
+                    let authz = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+                    access.check(peer, authz).err()
+                };
+                match refused {
+                    None => Either::Left(srv.call(req)),
+                    Some(why) => {
+                        warn!(auth_log, "refused a caller"; "peer" => req.peer_addr().map(|a| a.to_string()),
+                              "path" => req.path().to_owned(), "reason" => format!("{why:?}"));
+                        let res = ApiError::Unauthorized(why).error_response();
+                        Either::Right(std::future::ready(Ok(req.into_response(res))))
+                    }
+                }
+            })
             .wrap_fn(move |req, srv| {
                 let started = Instant::now();
                 let method = req.method().to_string();

@@ -30,6 +30,10 @@ pub enum LogFormat {
 pub struct Settings {
     pub bind: String,
     pub workers: usize,
+    pub auth_token_hashes: Vec<String>,
+    pub auth_token_file: String,
+    pub allow_networks: Vec<String>,
+    pub allow_unauthenticated: bool,
     pub database_url: String,
     pub pool_size: u32,
     pub ansible_playbook: String,
@@ -141,6 +145,7 @@ impl Settings {
         if self.ansible_playbook.is_empty() {
             return bad("ansible_playbook must not be empty");
         }
+        crate::auth::Access::from_settings(self)?;
         crate::logging::parse_level(&self.log_level).map(|_| ())
     }
 
