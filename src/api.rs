@@ -39,6 +39,8 @@ pub struct AppState {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// `/readyz` checks.
     pub health: crate::health::Checks,
+    /// Places left in the pending queue.
+    pub slots: Arc<crate::supervisor::QueueSlots>,
 }
 
 /// The route table.
@@ -235,13 +237,21 @@ impl FromRequest for ApiRequest {
                 return Err(too_large());
             }
             let mut body = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|_| ApiError::Json)?;
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large());
+            let read = async {
+                while let Some(chunk) = payload.next().await {
+                    let chunk = chunk.map_err(|_| ApiError::Json)?;
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
                 }
-                body.extend_from_slice(&chunk);
-            }
+                Ok(())
+            };
+            // A client that trickles its body must not hold a worker forever.
+            let timeout = std::time::Duration::from_secs(state.settings.client_timeout_secs);
+            tokio::time::timeout(timeout, read)
+                .await
+                .map_err(|_| ApiError::Param("body not received in time".to_owned()))??;
             let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&body) else {
                 return Err(ApiError::Json);
             };

@@ -21,7 +21,7 @@ use crate::db::{self, Pool, Target};
 use crate::persistence::{DbHealth, Flush, Persistence};
 use crate::settings::Settings;
 use crate::store;
-use crate::supervisor::{Close, Orphan, Recover, TaskSpec, TaskSupervisor};
+use crate::supervisor::{Close, Orphan, QueueSlots, Recover, TaskSpec, TaskSupervisor};
 use crate::{health, procs, time};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::ResponseError;
@@ -104,6 +104,20 @@ fn find_unfinished(
         };
         let dir = RunDir::of(run_root, task.id);
         if task.status == 1 && !dir.events().exists() {
+            if task.params == "null" {
+                // Its params were never stored (store_params = false): it cannot run as asked.
+                let fin = store::Finish {
+                    id: task.id,
+                    status: crate::status::Status::Failed,
+                    err: Some("its params were not stored (store_params = false), so it could not run after downlink restarted".into()),
+                    exit_code: None,
+                    ended_at: time::now(),
+                    hosts: crate::ansible::events::Hosts::new(&spec.nodes).finish(crate::ansible::events::Ending::Exited),
+                };
+                store::finish(conn, &fin)?;
+                warn!(log, "pending task without stored params ended as failed"; "task_id" => task.id);
+                continue;
+            }
             pending.push(spec);
             continue;
         }
@@ -162,8 +176,15 @@ pub async fn run(
         Duration::from_secs(settings.db_retry_secs),
     )
     .start();
-    let supervisor =
-        TaskSupervisor::new(settings.clone(), run_root, persistence.clone(), log.clone()).start();
+    let slots = QueueSlots::new(settings.max_queued);
+    let supervisor = TaskSupervisor::new(
+        settings.clone(),
+        run_root,
+        persistence.clone(),
+        slots.clone(),
+        log.clone(),
+    )
+    .start();
     supervisor.do_send(recover);
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let state = web::Data::new(AppState {
@@ -174,6 +195,7 @@ pub async fn run(
         log: log.clone(),
         closing,
         health: health::Checks::new(settings.ansible_playbook.clone()),
+        slots,
     });
     let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);
     let request_log = log.clone();
@@ -239,6 +261,7 @@ pub async fn run(
     })
     .listen(listener)?
     .disable_signals()
+    .client_request_timeout(Duration::from_secs(settings.client_timeout_secs))
     .shutdown_timeout(settings.shutdown_timeout_secs);
     if settings.workers > 0 {
         server = server.workers(settings.workers);

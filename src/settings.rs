@@ -50,6 +50,12 @@ pub struct Settings {
     pub stop_grace_secs: u64,
     pub parallel_run_timeout_secs: u64,
     pub body_limit: usize,
+    pub max_playbook_bytes: usize,
+    pub max_queued: usize,
+    pub max_events_per_task: i32,
+    pub max_event_bytes: usize,
+    pub client_timeout_secs: u64,
+    pub store_params: bool,
     pub db_retry_secs: u64,
     pub stop_tasks_on_shutdown: bool,
     pub shutdown_timeout_secs: u64,
@@ -138,6 +144,14 @@ impl Settings {
         }
         if self.task_time_limit_secs == 0 || self.parallel_run_timeout_secs == 0 {
             return bad("time limits must be at least 1 second");
+        }
+        if self.max_queued == 0 || self.max_events_per_task < 1 || self.client_timeout_secs == 0 {
+            return bad(
+                "max_queued, max_events_per_task and client_timeout_secs must be at least 1",
+            );
+        }
+        if self.max_event_bytes < 256 {
+            return bad("max_event_bytes must be at least 256");
         }
         if self.body_limit < 1024 {
             return bad("body_limit must be at least 1024 bytes");

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -43,8 +44,10 @@ impl TaskSpec {
     pub fn from_row(task: &Task) -> Result<TaskSpec, String> {
         let nodes: Vec<String> =
             serde_json::from_str(&task.nodes).map_err(|e| format!("nodes: {e}"))?;
-        let params: Map<String, Value> =
+        // `null`: not stored (store_params = false); an adopted task no longer needs them.
+        let params: Option<Map<String, Value>> =
             serde_json::from_str(&task.params).map_err(|e| format!("params: {e}"))?;
+        let params = params.unwrap_or_default();
         Ok(TaskSpec {
             id: task.id,
             name: task.name.clone(),
@@ -59,6 +62,47 @@ impl TaskSpec {
     }
 }
 
+/// Places in the pending queue. A handler takes one before it stores a task and the supervisor
+/// gives it back when the task leaves the queue, so a full queue refuses a task before anything
+/// is stored.
+#[derive(Debug)]
+pub struct QueueSlots {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl QueueSlots {
+    /// `max` places, all free.
+    pub fn new(max: usize) -> Arc<QueueSlots> {
+        Arc::new(QueueSlots {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Takes a place; false if the queue is full.
+    pub fn take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                (u < self.max).then_some(u + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back.
+    pub fn give_back(&self) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(1))
+            });
+    }
+
+    fn force_take(&self) {
+        self.used.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 struct Running {
     addr: Addr<TaskActor>,
     forks: u32,
@@ -69,6 +113,7 @@ pub struct TaskSupervisor {
     settings: Arc<Settings>,
     run_root: PathBuf,
     persistence: Addr<Persistence>,
+    slots: Arc<QueueSlots>,
     log: Logger,
     used_forks: u32,
     queue: VecDeque<TaskSpec>,
@@ -84,12 +129,14 @@ impl TaskSupervisor {
         settings: Arc<Settings>,
         run_root: PathBuf,
         persistence: Addr<Persistence>,
+        slots: Arc<QueueSlots>,
         log: Logger,
     ) -> TaskSupervisor {
         TaskSupervisor {
             settings,
             run_root,
             persistence,
+            slots,
             log,
             used_forks: 0,
             queue: VecDeque::new(),
@@ -111,6 +158,7 @@ impl TaskSupervisor {
             let Some(spec) = self.queue.pop_front() else {
                 break;
             };
+            self.slots.give_back();
             self.start_task(spec, time::now(), Origin::Spawn, ctx);
         }
     }
@@ -228,6 +276,7 @@ impl Handler<EndTask> for TaskSupervisor {
             let Some(spec) = self.queue.remove(pos) else {
                 return Box::pin(async { EndOutcome::NotLive });
             };
+            self.slots.give_back();
             let log = self
                 .log
                 .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
@@ -373,6 +422,7 @@ impl Handler<Recover> for TaskSupervisor {
             self.start_task(orphan.spec, orphan.started_at, origin, ctx);
         }
         for spec in msg.pending {
+            self.slots.force_take();
             self.queue_in_order(spec);
         }
         self.admit(ctx);

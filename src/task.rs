@@ -181,7 +181,7 @@ impl TaskActor {
             if text.trim().is_empty() {
                 continue;
             }
-            let Some(ev) = parse_line(text.trim_end()) else {
+            let Some(ev) = parse_line(text.trim_end(), self.settings.max_event_bytes) else {
                 warn!(
                     self.log,
                     "ignoring a line of events.jsonl that is not an event"
@@ -190,8 +190,21 @@ impl TaskActor {
             };
             self.hosts.apply(&ev);
             self.seq += 1;
+            let limit = self.settings.max_events_per_task;
             // Events up to the stored offset are already in the database (adopted task).
-            if self.offset > stored {
+            if self.offset > stored && self.seq == limit + 1 {
+                events.push(NewEvent {
+                    task_id: self.spec.id,
+                    seq: self.seq,
+                    host: None,
+                    kind: "events_truncated".into(),
+                    task_name: None,
+                    payload: format!(
+                        "{{\"event\":\"events_truncated\",\"stored\":{limit},\"note\":\"later events are not stored; host results still count them; all are in events.jsonl\"}}"
+                    ),
+                    created_at: ev.time,
+                });
+            } else if self.offset > stored && self.seq <= limit {
                 events.push(NewEvent {
                     task_id: self.spec.id,
                     seq: self.seq,

@@ -10,8 +10,6 @@ use serde::Deserialize;
 use crate::store::HostState;
 use crate::time;
 
-/// Largest payload stored per event, in bytes; longer ones are cut and marked.
-pub const MAX_PAYLOAD: usize = 8192;
 /// Marker appended to a cut payload.
 pub const TRUNCATED: &str = "...[truncated]";
 /// Largest failure message kept per host, in characters.
@@ -58,8 +56,9 @@ pub struct Event {
     pub payload: String,
 }
 
-/// Decodes one line; `None` for a line that is not an event of the plugin.
-pub fn parse_line(line: &str) -> Option<Event> {
+/// Decodes one line, keeping at most `max_payload` bytes of it as the payload; `None` for a line
+/// that is not an event of the plugin.
+pub fn parse_line(line: &str, max_payload: usize) -> Option<Event> {
     let raw: Raw = serde_json::from_str(line).ok()?;
     let time = raw
         .time
@@ -75,7 +74,7 @@ pub fn parse_line(line: &str) -> Option<Event> {
         msg: raw.msg,
         ignore_errors: raw.ignore_errors,
         stats: raw.hosts,
-        payload: bounded(line, MAX_PAYLOAD),
+        payload: bounded(line, max_payload),
     })
 }
 
@@ -287,7 +286,7 @@ mod tests {
     use super::*;
 
     fn ev(line: &str) -> Event {
-        parse_line(line).unwrap()
+        parse_line(line, 8192).unwrap()
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -99,6 +100,17 @@ pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<(
     )?;
     fs::write(dir.path.join("ansible.cfg"), ANSIBLE_CFG)?;
     fs::write(dir.events(), b"")?;
+    // The run directory holds the extra vars (often secrets): owner only.
+    for entry in fs::read_dir(&dir.path)? {
+        let entry = entry?;
+        let mode = if entry.file_type()?.is_dir() {
+            0o700
+        } else {
+            0o600
+        };
+        fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))?;
+    }
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o700))?;
     Ok(())
 }
 
@@ -151,6 +163,7 @@ pub fn command(
     let output = fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(dir.output())?;
     let mut cmd = tokio::process::Command::new(&settings.ansible_playbook);
     cmd.current_dir(&dir.path)

@@ -110,6 +110,12 @@ impl RunRequest {
             (None, Some(_)) => ("content", string(map, "content")?),
             (None, None) => return Err(ApiError::param("tasks", "is required")),
         };
+        if content.len() > settings.max_playbook_bytes {
+            return Err(ApiError::param(
+                key,
+                format!("larger than {} bytes", settings.max_playbook_bytes),
+            ));
+        }
         playbook::classify(content).map_err(|why| ApiError::param(key, why))?;
         let params =
             params::parse(get(map, "params")?).map_err(|why| ApiError::param("params", why))?;

@@ -30,6 +30,9 @@ pub async fn submit(
     run: RunRequest,
     wait: bool,
 ) -> Result<(i64, Option<oneshot::Receiver<()>>), ApiError> {
+    if !state.slots.take() {
+        return Err(ApiError::Other("queue full, retry later".into()));
+    }
     let now = time::now();
     let forks = run.forks(state.settings.max_forks);
     let new = NewTask {
@@ -37,7 +40,11 @@ pub async fn submit(
         nodes: serde_json::to_string(&run.nodes).unwrap_or_default(),
         remote_user: run.user.clone(),
         content: run.content.clone(),
-        params: serde_json::Value::Object(run.params.clone()).to_string(),
+        params: if state.settings.store_params {
+            serde_json::Value::Object(run.params.clone()).to_string()
+        } else {
+            "null".to_owned()
+        },
         fork_num: i32::try_from(run.fork_num).unwrap_or(i32::MAX),
         forks: i32::try_from(forks).unwrap_or(i32::MAX),
         status: Status::Pending.code(),
@@ -46,11 +53,19 @@ pub async fn submit(
         created_at: now,
         updated_at: now,
     };
-    let id = state
+    let inserted = state
         .persistence
         .send(InsertTask(new))
         .await
-        .map_err(|_| ApiError::DbUnavailable)??;
+        .map_err(|_| ApiError::DbUnavailable)
+        .and_then(|r| r.map_err(ApiError::from));
+    let id = match inserted {
+        Ok(id) => id,
+        Err(e) => {
+            state.slots.give_back();
+            return Err(e);
+        }
+    };
     info!(log, "task accepted"; "task_id" => id, "task_name" => &run.name,
           "nodes" => run.nodes.len(), "forks" => forks);
     let spec = TaskSpec {

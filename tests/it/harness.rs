@@ -333,6 +333,7 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             "DOWNLINK_STOP_TASKS_ON_SHUTDOWN",
             s.stop_tasks_on_shutdown.to_string(),
         ),
+        ("DOWNLINK_STORE_PARAMS", s.store_params.to_string()),
         ("DOWNLINK_WORKERS", s.workers.to_string()),
         ("DOWNLINK_LOG_FORMAT", "json".to_owned()),
         ("DOWNLINK_LOG_LEVEL", "info".to_owned()),

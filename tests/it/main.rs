@@ -7,4 +7,5 @@ mod cli;
 mod contract;
 mod execution;
 pub mod harness;
+mod limits;
 mod recovery;

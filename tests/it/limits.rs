@@ -1,0 +1,155 @@
+//! Bounded resources and secrets: each limit answers its exact error and stores nothing; params
+//! stay out of the logs and, when asked, out of the database; `no_log` results stay censored.
+
+use serde_json::json;
+
+use crate::harness::{run_body, Backend, TestServer, HOSTS};
+
+fn failure(message: &str) -> String {
+    json!({"code": -1, "message": message}).to_string()
+}
+
+#[test]
+fn each_limit_answers_its_error_and_stores_nothing() {
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.max_nodes = 2;
+        s.max_playbook_bytes = 100;
+        s.body_limit = 2048;
+    });
+    let cases = [
+        (
+            run_body("n", &HOSTS, "- ping:\n"),
+            "param error, error: nodes: more than 2 nodes",
+        ),
+        (
+            run_body(
+                "p",
+                &[HOSTS[0]],
+                &format!("- debug: {{msg: {}}}\n", "x".repeat(100)),
+            ),
+            "param error, error: tasks: larger than 100 bytes",
+        ),
+        (
+            run_body(
+                "b",
+                &[HOSTS[0]],
+                &format!("# {}\n- ping:\n", "x".repeat(3000)),
+            ),
+            "param error, error: body too large",
+        ),
+    ];
+    for (body, want) in cases {
+        assert_eq!(
+            server.post("/api/run", &body.to_string()),
+            (200, failure(want))
+        );
+    }
+    let long = "a".repeat(300);
+    let (_, got) = server.post_with(
+        "/api/run",
+        &[("X-CORRELATION-ID", &long), ("X-RESOURCE", "orion")],
+        &run_body("h", &[HOSTS[0]], "- ping:\n").to_string(),
+    );
+    assert_eq!(
+        got,
+        failure("param error, error: X-CORRELATION-ID: longer than 256 bytes")
+    );
+    assert_eq!(server.task_count(), 0);
+}
+
+#[test]
+fn a_full_queue_refuses_before_storing() {
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.max_forks = 1;
+        s.max_queued = 1;
+    });
+    let running = server.run(run_body("running", &[HOSTS[0]], "- command: sleep 60\n"));
+    server.wait_status(running, &[2], 30);
+    let waiting = server.run(run_body("waiting", &[HOSTS[1]], "- ping:\n"));
+    let (_, got) = server.post(
+        "/api/run",
+        &run_body("refused", &[HOSTS[2]], "- ping:\n").to_string(),
+    );
+    assert_eq!(got, failure("queue full, retry later"));
+    assert_eq!(server.task_count(), 2);
+    // A place frees when a task leaves the queue.
+    server.call("/api/stop", json!({"id": waiting, "name": "waiting"}));
+    server.run(run_body("accepted", &[HOSTS[2]], "- ping:\n"));
+    server.call("/api/stop", json!({"id": running, "name": "running"}));
+}
+
+#[test]
+fn events_are_bounded_per_task_and_in_size_with_a_marker() {
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.max_events_per_task = 8;
+        s.max_event_bytes = 300;
+    });
+    let play = "- ping:\n- debug: {msg: \"{{ 'y' * 2000 }}\"}\n- ping:\n- ping:\n- ping:\n";
+    let id = server.run(run_body("chatty", &HOSTS[..2], play));
+    let task = server.wait_end(id, 60);
+    assert_eq!(task.status, 4);
+    let events = server.events(id);
+    assert_eq!(events.len(), 9, "eight events and the marker");
+    assert_eq!(events[8].kind, "events_truncated");
+    assert!(events
+        .iter()
+        .all(|e| e.payload.len() <= 300 || e.kind == "events_truncated"));
+    assert!(
+        events.iter().any(|e| e.payload.ends_with("...[truncated]")),
+        "{events:?}"
+    );
+    // Host results still count every event.
+    let hosts = server.hosts(id);
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h.ok == 5 && h.result.as_deref() == Some("ok")),
+        "{hosts:?}"
+    );
+}
+
+#[test]
+fn params_stay_out_of_logs_and_no_log_results_stay_censored() {
+    let dir = crate::harness::TempDir::new();
+    let db = crate::harness::TestDb::new(Backend::Sqlite, &dir.0);
+    let mut settings = crate::harness::test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    settings.store_params = false;
+    let server = crate::harness::BinServer::start(&settings, &dir.0);
+    let play = "- command: echo {{ secret }}\n  no_log: true\n";
+    let mut body = run_body("secret", &[HOSTS[0]], play);
+    body["params"] = json!("secret=hunter2");
+    let (_, got) = server.post("/api/run", &body.to_string());
+    assert_eq!(got, "{\"code\":0,\"content\":{\"id\":1}}");
+    let target = downlink::db::Target::parse(&db.url).unwrap();
+    let pool = downlink::db::pool(&target, 2, std::time::Duration::from_secs(5)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let task = loop {
+        let t = downlink::store::get_task(&mut pool.get().unwrap(), 1)
+            .unwrap()
+            .unwrap();
+        if t.status > 2 {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(task.status, 4);
+    assert_eq!(task.params, "null", "params were stored");
+    let events = downlink::store::task_events(&mut pool.get().unwrap(), 1).unwrap();
+    assert!(
+        events.iter().any(|e| e.payload.contains("censored")),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| !e.payload.contains("hunter2")));
+    let log = std::fs::read_to_string(&server.log_path).unwrap();
+    assert!(log.contains("task accepted"));
+    assert!(!log.contains("hunter2"), "a param reached the log");
+    // The extra vars file is the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let run_dir = settings.run_dir.canonicalize().unwrap().join("1");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&run_dir), 0o700);
+    assert_eq!(mode(&run_dir.join("extra_vars.json")), 0o600);
+    assert_eq!(mode(&run_dir.join("output.log")), 0o600);
+}
