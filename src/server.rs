@@ -199,6 +199,7 @@ pub async fn run(
     });
     let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);
     let request_log = log.clone();
+    let tls = tls_config(&settings).map_err(std::io::Error::other)?;
     let mut server = HttpServer::new(move || {
         let log = request_log.clone();
         let auth_log = request_log.clone();
@@ -259,13 +260,16 @@ pub async fn run(
             .configure(health::routes)
             .default_service(web::to(api::no_route))
     })
-    .listen(listener)?
     .disable_signals()
     .client_request_timeout(Duration::from_secs(settings.client_timeout_secs))
     .shutdown_timeout(settings.shutdown_timeout_secs);
     if settings.workers > 0 {
         server = server.workers(settings.workers);
     }
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config)?,
+        None => server.listen(listener)?,
+    };
     let server = server.run();
     let handle = server.handle();
     on_start(handle.clone());
@@ -291,6 +295,26 @@ pub async fn run(
         _ => error!(log, "writes could not be flushed before exit; the next start recovers them from the run directories"),
     }
     Ok(())
+}
+
+/// The rustls configuration of the settings' certificate and key, if HTTPS is on.
+fn tls_config(settings: &Settings) -> Result<Option<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    if settings.tls_cert_file.is_empty() {
+        return Ok(None);
+    }
+    let certs = CertificateDer::pem_file_iter(&settings.tls_cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read tls_cert_file {}: {e}", settings.tls_cert_file))?;
+    let key = PrivateKeyDer::from_pem_file(&settings.tls_key_file)
+        .map_err(|e| format!("cannot read tls_key_file {}: {e}", settings.tls_key_file))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map(Some)
+        .map_err(|e| format!("TLS certificate or key refused: {e}"))
 }
 
 /// A header value for a log line: at most 256 characters, control characters replaced.

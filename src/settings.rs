@@ -30,6 +30,8 @@ pub enum LogFormat {
 pub struct Settings {
     pub bind: String,
     pub workers: usize,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
     pub auth_token_hashes: Vec<String>,
     pub auth_token_file: String,
     pub allow_networks: Vec<String>,
@@ -158,6 +160,9 @@ impl Settings {
         }
         if self.ansible_playbook.is_empty() {
             return bad("ansible_playbook must not be empty");
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            return bad("tls_cert_file and tls_key_file go together: set both or neither");
         }
         crate::auth::Access::from_settings(self)?;
         crate::logging::parse_level(&self.log_level).map(|_| ())

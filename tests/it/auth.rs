@@ -136,3 +136,64 @@ fn a_public_address_needs_protection_or_explicit_consent() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn https_round_trip_with_a_certificate_made_here() {
+    let dir = TempDir::new();
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-days",
+            "1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed (apt-get install openssl)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.tls_cert_file = cert.to_string_lossy().into_owned();
+        s.tls_key_file = key.to_string_lossy().into_owned();
+    });
+    let url = server.base.replace("http://", "https://");
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&cert)
+        .args(["-H", "X-CORRELATION-ID: 1-1", "-H", "X-RESOURCE: orion"])
+        .args(["-d", "{\"id\": 1, \"name\": \"x\"}"])
+        .arg(format!("{url}/api/check"))
+        .output()
+        .expect("curl is installed (apt-get install curl)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        NOT_FOUND,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain HTTP to the TLS port gets no answer of the API.
+    let plain = Command::new("curl")
+        .args(["-sS", "-m", "5", "-d", "{}"])
+        .arg(format!("{}/api/check", server.base))
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&plain.stdout).contains("\"code\""));
+}
