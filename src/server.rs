@@ -66,7 +66,13 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
             "cannot become a child subreaper: killed task processes are left to init to reap"
         );
     }
-    let run_root = rundir::install(&settings.run_dir)
+    let run_as = rundir::run_as(&settings).context("run_as_user")?;
+    if let Some(r) = &run_as {
+        if !nix::unistd::geteuid().is_root() {
+            warn!(log, "run_as_user is set but downlink is not root: starting tasks will fail unless it has CAP_SETUID and CAP_SETGID"; "run_as_user" => &r.name);
+        }
+    }
+    let run_root = rundir::install(&settings.run_dir, run_as.as_ref())
         .with_context(|| format!("preparing run directory {}", settings.run_dir.display()))?;
     let recover = find_unfinished(&mut conn, &run_root, log)?;
     drop(conn);

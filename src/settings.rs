@@ -45,6 +45,8 @@ pub struct Settings {
     pub ssh_port: u16,
     pub ssh_common_args: String,
     pub run_dir: PathBuf,
+    pub run_as_user: String,
+    pub run_as_group: String,
     pub max_forks: u32,
     pub max_fork_num: u32,
     pub max_nodes: usize,
@@ -160,6 +162,9 @@ impl Settings {
         }
         if self.ansible_playbook.is_empty() {
             return bad("ansible_playbook must not be empty");
+        }
+        if self.run_as_user.is_empty() && !self.run_as_group.is_empty() {
+            return bad("run_as_group needs run_as_user");
         }
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return bad("tls_cert_file and tls_key_file go together: set both or neither");

@@ -376,7 +376,7 @@ impl TaskActor {
         let prepare = async move {
             let dir2 = dir.clone();
             let s2 = settings.clone();
-            tokio::task::spawn_blocking(move || {
+            let run_as = tokio::task::spawn_blocking(move || {
                 let job = Job {
                     nodes: &spec.nodes,
                     remote_user: &spec.remote_user,
@@ -388,7 +388,7 @@ impl TaskActor {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
-            let mut cmd = rundir::command(&settings, &root, &dir, spec.forks)
+            let mut cmd = rundir::command(&settings, &root, &dir, spec.forks, run_as.as_ref())
                 .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
             cmd.spawn().map_err(|e| {
                 format!(

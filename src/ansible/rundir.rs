@@ -15,7 +15,9 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
+
+use nix::unistd::{chown, Gid, Group, Uid, User};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -55,14 +57,52 @@ impl RunDir {
     }
 }
 
+/// The OS user `ansible-playbook` runs as (setting `run_as_user`).
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+    pub home: PathBuf,
+}
+
+/// Resolves `run_as_user` and `run_as_group`; `None` when unset.
+pub fn run_as(settings: &Settings) -> io::Result<Option<RunAs>> {
+    if settings.run_as_user.is_empty() {
+        return Ok(None);
+    }
+    let missing = |what: &str, name: &str| io::Error::other(format!("no such {what}: {name}"));
+    let user = User::from_name(&settings.run_as_user)
+        .map_err(io::Error::from)?
+        .ok_or_else(|| missing("user", &settings.run_as_user))?;
+    let gid = if settings.run_as_group.is_empty() {
+        user.gid
+    } else {
+        Group::from_name(&settings.run_as_group)
+            .map_err(io::Error::from)?
+            .ok_or_else(|| missing("group", &settings.run_as_group))?
+            .gid
+    };
+    Ok(Some(RunAs {
+        name: user.name,
+        uid: user.uid,
+        gid,
+        home: user.dir,
+    }))
+}
+
 /// Makes the run-directory root absolute and writes the callback plugin into it.
-pub fn install(root: &Path) -> io::Result<PathBuf> {
+pub fn install(root: &Path, run_as: Option<&RunAs>) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let root = root.canonicalize()?;
     let plugins = root.join(".plugins");
     fs::create_dir_all(&plugins)?;
     fs::create_dir_all(root.join(".ansible"))?;
     fs::write(plugins.join(format!("{CALLBACK_NAME}.py")), CALLBACK_PLUGIN)?;
+    if let Some(r) = run_as {
+        // ansible's home (caches, collections) must be the playbook user's.
+        chown(&root.join(".ansible"), Some(r.uid), Some(r.gid)).map_err(io::Error::from)?;
+    }
     Ok(root)
 }
 
@@ -75,8 +115,10 @@ pub struct Job<'a> {
     pub params: &'a Map<String, Value>,
 }
 
-/// Writes the run directory of a task (replacing any left from an earlier database).
-pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<()> {
+/// Writes the run directory of a task (replacing any left from an earlier database), owned by the
+/// `run_as` user if there is one; that user, resolved.
+pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<Option<RunAs>> {
+    let run_as = run_as(settings)?;
     if dir.path.exists() {
         fs::remove_dir_all(&dir.path)?;
     }
@@ -100,7 +142,15 @@ pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<(
     )?;
     fs::write(dir.path.join("ansible.cfg"), ANSIBLE_CFG)?;
     fs::write(dir.events(), b"")?;
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.output())?;
     // The run directory holds the extra vars (often secrets): owner only.
+    let owner = |path: &Path| match &run_as {
+        Some(r) => chown(path, Some(r.uid), Some(r.gid)).map_err(io::Error::from),
+        None => Ok(()),
+    };
     for entry in fs::read_dir(&dir.path)? {
         let entry = entry?;
         let mode = if entry.file_type()?.is_dir() {
@@ -109,9 +159,11 @@ pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<(
             0o600
         };
         fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))?;
+        owner(&entry.path())?;
     }
     fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o700))?;
-    Ok(())
+    owner(&dir.path)?;
+    Ok(run_as)
 }
 
 /// `ansible.cfg` in the run directory (ansible reads the working directory's before `~/.ansible.cfg`
@@ -159,12 +211,9 @@ pub fn command(
     root: &Path,
     dir: &RunDir,
     forks: u32,
+    run_as: Option<&RunAs>,
 ) -> io::Result<tokio::process::Command> {
-    let output = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(dir.output())?;
+    let output = fs::OpenOptions::new().append(true).open(dir.output())?;
     let mut cmd = tokio::process::Command::new(&settings.ansible_playbook);
     cmd.current_dir(&dir.path)
         .arg("-i")
@@ -185,6 +234,13 @@ pub fn command(
         }
     }
     cmd.env("LANG", "C.UTF-8").env("LC_ALL", "C.UTF-8");
+    if let Some(r) = run_as {
+        cmd.uid(r.uid.as_raw())
+            .gid(r.gid.as_raw())
+            .env("HOME", &r.home)
+            .env("USER", &r.name)
+            .env("LOGNAME", &r.name);
+    }
     cmd.envs(&settings.ansible_env);
     let path = |p: PathBuf| p.to_string_lossy().into_owned();
     cmd.env("ANSIBLE_CALLBACK_PLUGINS", path(root.join(".plugins")))

@@ -197,3 +197,36 @@ fn https_round_trip_with_a_certificate_made_here() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("\"code\""));
 }
+
+#[test]
+fn run_as_runs_the_playbook_as_that_user() {
+    let user = std::env::var("DLTEST_RUN_AS_USER")
+        .expect("DLTEST_RUN_AS_USER is not set: run scripts/test");
+    let ansible = std::env::var("DLTEST_RUN_AS_ANSIBLE")
+        .expect("DLTEST_RUN_AS_ANSIBLE is not set: run scripts/test");
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.run_as_user = user.clone();
+        s.ansible_playbook = ansible;
+    });
+    let play = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: whoami\n      delegate_to: localhost\n";
+    let id = server.run(run_body("as-runner", &[HOSTS[0]], play));
+    let task = server.wait_end(id, 60);
+    assert_eq!(task.status, 4, "{task:?}");
+    let ran = server
+        .events(id)
+        .into_iter()
+        .find(|e| e.kind == "runner_ok")
+        .expect("the command ran");
+    let event: serde_json::Value = serde_json::from_str(&ran.payload).unwrap();
+    let result: serde_json::Value =
+        serde_json::from_str(event["result"].as_str().unwrap()).unwrap();
+    assert_eq!(result["stdout"], json!(user));
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(server.run_dir(id)).unwrap();
+    let uid = nix::unistd::User::from_name(&user)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
+}
