@@ -5,6 +5,7 @@
 pub mod check;
 pub mod fields;
 pub mod getlog;
+pub mod openapi;
 pub mod parallel_run;
 pub mod run;
 pub mod stop;
@@ -57,6 +58,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(endpoint(
             "/api/parallel_run",
             web::post().to(parallel_run::handle),
+        ))
+        .service(endpoint(
+            "/api/openapi.json",
+            web::get().to(openapi::handle),
         ));
 }
 

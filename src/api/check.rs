@@ -9,14 +9,21 @@ use crate::store::{self, HostRow, Task};
 use crate::time;
 
 /// The `content` of a check answer, keys in the contract's order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct CheckContent {
+    /// HTTP date, e.g. `Wed, 17 Aug 2016 18:38:17 GMT`.
     pub create_time: String,
+    /// Why the task failed, timed out, was stopped or interrupted.
     pub err: Option<String>,
     pub id: i64,
+    /// JSON encoded in a string: the per-host records.
     pub log: String,
+    /// JSON encoded in a string: the nodes.
     pub nodes: String,
+    /// 1 pending, 2 running, 3 failed, 4 success, 5 stopped, 6 timeout, 7 interrupted.
+    #[schema(minimum = 1, maximum = 7)]
     pub status: i32,
+    /// HTTP date of the last change.
     pub update_time: String,
 }
 

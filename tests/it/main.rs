@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod contract;
 mod execution;
+mod fuzz;
 pub mod harness;
 mod limits;
 mod recovery;
