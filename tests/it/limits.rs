@@ -153,3 +153,34 @@ fn params_stay_out_of_logs_and_no_log_results_stay_censored() {
     assert_eq!(mode(&run_dir.join("extra_vars.json")), 0o600);
     assert_eq!(mode(&run_dir.join("output.log")), 0o600);
 }
+
+#[test]
+fn a_client_that_never_sends_its_body_is_cut_off() {
+    use std::io::{Read, Write};
+    let server = TestServer::start_with(Backend::Sqlite, |s| s.client_timeout_secs = 1);
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(b"POST /api/run HTTP/1.1\r\nHost: x\r\nX-CORRELATION-ID: 1-1\r\nX-RESOURCE: orion\r\nContent-Length: 100\r\n\r\n{\"nodes\":")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains("}") {
+        let n = stream
+            .read(&mut buf)
+            .expect("an answer before the read timeout");
+        assert!(n > 0, "connection closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.ends_with(&failure("param error, error: body not received in time")),
+        "{text}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(server.task_count(), 0);
+}
