@@ -141,69 +141,18 @@ impl Drop for TempDir {
     }
 }
 
-/// A running server with its own database and run directory.
-pub struct TestServer {
-    pub base: String,
-    pub settings: Settings,
+/// Reads of a test database, retried while the database is away (outage tests).
+pub struct DbView {
     pub pool: Pool,
-    server: Option<Spawned>,
-    _db: TestDb,
-    pub dir: TempDir,
 }
 
-impl TestServer {
-    pub fn start(backend: Backend) -> TestServer {
-        Self::start_with(backend, |_| {})
-    }
-
-    pub fn start_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> TestServer {
-        let dir = TempDir::new();
-        let db = TestDb::new(backend, &dir.0);
-        let mut settings = test_settings(&dir.0);
-        settings.database_url = db.url.clone();
-        tweak(&mut settings);
-        let log = downlink::logging::root(&settings);
-        let server = server::spawn(settings.clone(), log).expect("server starts");
-        let target = Target::parse(&db.url).expect("db url");
-        let pool = db::pool(&target, 2, Duration::from_secs(10)).expect("test pool");
-        TestServer {
-            base: format!("http://{}", server.addr),
-            settings,
-            pool,
-            server: Some(server),
-            _db: db,
-            dir,
+impl DbView {
+    /// A view of the database at `url`.
+    pub fn open(url: &str) -> DbView {
+        let target = Target::parse(url).expect("db url");
+        DbView {
+            pool: db::pool(&target, 2, Duration::from_secs(10)).expect("test pool"),
         }
-    }
-
-    /// POST with the two contract headers; (HTTP status, body).
-    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
-        self.post_with(
-            path,
-            &[("X-CORRELATION-ID", "1-1"), ("X-RESOURCE", "orion")],
-            body,
-        )
-    }
-
-    /// POST with exactly these headers.
-    pub fn post_with(&self, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-        request("POST", &format!("{}{path}", self.base), headers, body)
-    }
-
-    /// POST and decode the JSON answer.
-    pub fn call(&self, path: &str, body: Value) -> Value {
-        let (status, text) = self.post(path, &body.to_string());
-        assert_eq!(status, 200, "{path}: {text}");
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{path} answered non-JSON {text:?}: {e}"))
-    }
-
-    /// Starts a task through /api/run; its id.
-    pub fn run(&self, body: Value) -> i64 {
-        let answer = self.call("/api/run", body);
-        answer["content"]["id"]
-            .as_i64()
-            .unwrap_or_else(|| panic!("run refused: {answer}"))
     }
 
     pub fn conn(&self) -> db::PooledConn {
@@ -279,6 +228,77 @@ impl TestServer {
     /// Waits for any terminal status.
     pub fn wait_end(&self, id: i64, secs: u64) -> Task {
         self.wait_status(id, &[3, 4, 5, 6, 7], secs)
+    }
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = DbView;
+    fn deref(&self) -> &DbView {
+        &self.view
+    }
+}
+
+/// A running server with its own database and run directory.
+pub struct TestServer {
+    pub base: String,
+    pub settings: Settings,
+    pub view: DbView,
+    server: Option<Spawned>,
+    _db: TestDb,
+    pub dir: TempDir,
+}
+
+impl TestServer {
+    pub fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, |_| {})
+    }
+
+    pub fn start_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> TestServer {
+        let dir = TempDir::new();
+        let db = TestDb::new(backend, &dir.0);
+        let mut settings = test_settings(&dir.0);
+        settings.database_url = db.url.clone();
+        tweak(&mut settings);
+        let log = downlink::logging::root(&settings);
+        let server = server::spawn(settings.clone(), log).expect("server starts");
+        TestServer {
+            base: format!("http://{}", server.addr),
+            view: DbView::open(&db.url),
+            settings,
+            server: Some(server),
+            _db: db,
+            dir,
+        }
+    }
+
+    /// POST with the two contract headers; (HTTP status, body).
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        self.post_with(
+            path,
+            &[("X-CORRELATION-ID", "1-1"), ("X-RESOURCE", "orion")],
+            body,
+        )
+    }
+
+    /// POST with exactly these headers.
+    pub fn post_with(&self, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+        request("POST", &format!("{}{path}", self.base), headers, body)
+    }
+
+    /// POST and decode the JSON answer.
+    pub fn call(&self, path: &str, body: Value) -> Value {
+        let (status, text) = self.post(path, &body.to_string());
+        assert_eq!(status, 200, "{path}: {text}");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path} answered non-JSON {text:?}: {e}"))
+    }
+
+    /// Starts a task through /api/run; its id.
+    pub fn run(&self, body: Value) -> i64 {
+        let answer = self.call("/api/run", body);
+        answer["content"]["id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("run refused: {answer}"))
     }
 
     /// The run directory of a task.

@@ -8,9 +8,9 @@ use serde_json::json;
 
 use crate::both_backends;
 use crate::harness::{
-    run_body, task_processes, test_settings, BinServer, TempDir, TestDb, TestServer, DEAD, HOSTS,
+    run_body, task_processes, test_settings, BinServer, DbView, TempDir, TestDb, TestServer, DEAD,
+    HOSTS,
 };
-use downlink::db::{self, Target};
 use downlink::store::{self, HostRow, Task};
 
 /// What a task's outcome is, without times: status, err, exit code, host results and counters.
@@ -46,54 +46,17 @@ fn outcome(task: &Task, hosts: &[HostRow]) -> Outcome {
     )
 }
 
-/// A view of a database for a separately running server.
-struct Db {
-    pool: db::Pool,
-}
-
-impl Db {
-    fn open(url: &str) -> Db {
-        let target = Target::parse(url).unwrap();
-        Db {
-            pool: db::pool(&target, 2, Duration::from_secs(10)).unwrap(),
-        }
-    }
-    fn task(&self, id: i64) -> Task {
-        store::get_task(&mut self.pool.get().unwrap(), id)
-            .unwrap()
-            .unwrap()
-    }
-    fn hosts(&self, id: i64) -> Vec<HostRow> {
-        store::task_hosts(&mut self.pool.get().unwrap(), id).unwrap()
-    }
-    fn wait_status(&self, id: i64, statuses: &[i32], secs: u64) -> Task {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let t = self.task(id);
-            if statuses.contains(&t.status) {
-                return t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "task {id} has status {} after {secs} s",
-                t.status
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// A directory, a fresh database, settings for a binary server on them, and a view of the database.
 fn setup(
     backend: crate::harness::Backend,
     tweak: impl FnOnce(&mut downlink::settings::Settings),
-) -> (TempDir, TestDb, downlink::settings::Settings, Db) {
+) -> (TempDir, TestDb, downlink::settings::Settings, DbView) {
     let dir = TempDir::new();
     let db = TestDb::new(backend, &dir.0);
     let mut settings = test_settings(&dir.0);
     settings.database_url = db.url.clone();
     tweak(&mut settings);
-    let view = Db::open(&db.url);
+    let view = DbView::open(&db.url);
     (dir, db, settings, view)
 }
 
@@ -178,7 +141,7 @@ fn kill_9_and_restart_end_every_task_as_without_a_crash(backend: crate::harness:
     );
     // Every event of the files is stored once, in order.
     for id in ids.iter().chain([&later]) {
-        let events = store::task_events(&mut view.pool.get().unwrap(), *id).unwrap();
+        let events = store::task_events(&mut view.conn(), *id).unwrap();
         let lines =
             std::fs::read_to_string(settings.run_dir.join(id.to_string()).join("events.jsonl"))
                 .unwrap()
@@ -227,7 +190,7 @@ fn sigterm_exits_at_once_and_the_next_start_adopts() {
     let waited = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let t = store::tasks_with_status(&mut view.pool.get().unwrap(), &[2]).unwrap();
+            let t = store::tasks_with_status(&mut view.conn(), &[2]).unwrap();
             if let Some(t) = t.iter().find(|t| t.name == "waited") {
                 break t.id;
             }
