@@ -167,6 +167,11 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // Until exec completes, /proc shows the parent's environment: wait for the marker.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while marked(&mark).is_empty() && std::time::Instant::now() < deadline {
+            sleep(Duration::from_millis(5));
+        }
         assert_eq!(marked(&mark), vec![pid]);
         assert_eq!(kill_marked(&mark, None), 1);
         // Already reaped by kill_marked; wait only to tidy up if it was not.

@@ -242,9 +242,11 @@ impl TaskActor {
         let offset = self.offset;
         let mark = self.dir.mark();
         let output = self.dir.output();
-        let group = match (&exit, self.origin) {
-            (Exit::Status(_), _) => self.pgid,
-            _ => None,
+        // Only the group of our own child (already waited for) may be reaped here.
+        let group = if matches!(exit, Exit::Status(_)) {
+            self.pgid
+        } else {
+            None
         };
         let rest = async move {
             let bytes = read_from(events, offset).await;
