@@ -142,10 +142,15 @@ fn run_check_and_getlog_answer_exact_bodies(backend: Backend) {
         record(&hosts[0], "ok", "\"ok\":1,\"changed\":0,\"failed\":0,\"unreachable\":0,\"skipped\":0,\"rescued\":0,\"ignored\":0", "null"),
         record(&hosts[1], "unreachable", "\"ok\":0,\"changed\":0,\"failed\":0,\"unreachable\":1,\"skipped\":0,\"rescued\":0,\"ignored\":0", &json!(msg).to_string()),
     );
-    let err = format!(
-        "1 of 2 hosts failed: {DEAD} unreachable ({})",
-        msg.split_whitespace().collect::<Vec<_>>().join(" ")
-    );
+    // `err` quotes the message on one line, cut at 200 characters.
+    let quoted: String = msg
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(200)
+        .collect();
+    let err = format!("1 of 2 hosts failed: {DEAD} unreachable ({quoted})");
     let expected = format!(
         "{{\"code\":0,\"content\":{{\"create_time\":\"{}\",\"err\":{},\"id\":1,\"log\":{},\"nodes\":{},\"status\":3,\"update_time\":\"{}\"}}}}",
         http_date(task.created_at),
