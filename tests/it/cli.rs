@@ -80,7 +80,8 @@ fn migrate_creates_the_tables(backend: Backend) {
             .unwrap();
         assert!(
             out.status.success(),
-            "{}",
+            "{:?} {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
