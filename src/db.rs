@@ -151,6 +151,15 @@ pub fn pool(target: &Target, size: u32, timeout: Duration) -> Result<Pool, DbErr
         }))
 }
 
+/// One connection outside any pool (for `downlink migrate`: no pool threads outlive it).
+pub fn connect(target: &Target) -> Result<DbConnection, DbError> {
+    Manager {
+        target: target.clone(),
+    }
+    .connect()
+    .map_err(|e| DbError::Migrate(format!("cannot connect: {e}")))
+}
+
 /// Applies every pending migration of the connection's backend; returns the versions applied.
 pub fn migrate(conn: &mut DbConnection) -> Result<Vec<String>, DbError> {
     let applied = match conn {

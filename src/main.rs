@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let log = logging::root(&settings);
     let result = match cli.command {
         Command::Serve => serve(settings, &log),
-        Command::Migrate => server::prepare(settings, &log).map(|_| ()),
+        Command::Migrate => server::migrate_only(&settings, &log),
         Command::HashToken => Ok(()),
         Command::Settings => {
             let mut shown = settings.clone();

@@ -40,6 +40,20 @@ pub struct Prepared {
     pub recover: Recover,
 }
 
+/// `downlink migrate`: applies pending migrations over one connection and nothing else.
+pub fn migrate_only(settings: &Settings, log: &Logger) -> anyhow::Result<()> {
+    let target = Target::parse(&settings.effective_database_url())?;
+    if let Target::Sqlite(path) = &target {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let mut conn = db::connect(&target)?;
+    let applied = db::migrate(&mut conn)?;
+    info!(log, "migrations applied"; "database" => target.describe(), "applied" => applied.len());
+    Ok(())
+}
+
 /// Opens the database, applies pending migrations, installs the callback plugin and finds the
 /// tasks an earlier server left unfinished.
 pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
