@@ -8,6 +8,7 @@ pub mod events;
 pub mod params;
 pub mod playbook;
 pub mod rundir;
+pub mod tail;
 
 /// The callback plugin, shipped inside the binary.
 pub const CALLBACK_PLUGIN: &str = include_str!("ansible/downlink_events.py");

@@ -40,6 +40,8 @@ pub struct AppState {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// `/readyz` checks.
     pub health: crate::health::Checks,
+    /// What the writer knows of the database.
+    pub db_health: Arc<crate::persistence::DbHealth>,
     /// Places left in the pending queue.
     pub slots: Arc<crate::supervisor::QueueSlots>,
 }

@@ -104,7 +104,8 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if problems.is_empty() {
         HttpResponse::Ok().json(json!({"code": 0, "content": {
-            "database": "ok", "migrations": "ok", "ansible": "ok"}}))
+            "database": "ok", "migrations": "ok", "ansible": "ok",
+            "db_writes_repaired": state.db_health.repaired()}}))
     } else {
         HttpResponse::ServiceUnavailable().json(json!({
             "code": -1, "message": format!("not ready: {}", problems.join("; "))}))

@@ -8,23 +8,30 @@
 //! - HTTP handlers, one file per endpoint: [`api`] (`api/run.rs`, `api/stop.rs`, …); the shared
 //!   envelope, headers and error strings are in `api.rs`, request fields in `api/fields.rs`.
 //! - [`supervisor::TaskSupervisor`]: queue, forks budget, stop routing, `parallel_run` waiters.
-//! - [`task::TaskActor`]: one per running task; owns its process group and run directory.
-//! - [`persistence::Persistence`]: the only database writer, on a `SyncArbiter` thread.
+//! - [`task::TaskActor`]: one per running task; owns its process group and run directory;
+//!   `task/verdict.rs` turns how it ended into status and `err`.
+//! - [`persistence::Persistence`]: the only database writer (an ordered queue applied on the
+//!   blocking pool); it retries only unavailability and repairs writes the database refuses.
+//! - [`clean`]: the one place where text from playbooks and nodes is made storable.
+//! - [`recovery`]: what an earlier run left (adopt, end, re-queue), as a plan the supervisor runs.
 //! - [`store`]: diesel queries shared by both backends; [`db`]: connections, pool, migrations.
-//! - [`ansible`]: playbook and params shapes, the run directory, the callback plugin's events.
+//! - [`ansible`]: playbook and params shapes, the run directory, the callback plugin's events and
+//!   the bounded reader of its file (`ansible/tail.rs`).
 //! - [`procs`]: finding and killing a task's processes through `/proc`.
 //! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`.
-//! - [`settings`], [`logging`], [`server`] (wiring, restart recovery, graceful shutdown),
+//! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
 //!   [`status`], [`time`].
 
 pub mod ansible;
 pub mod api;
 pub mod auth;
+pub mod clean;
 pub mod db;
 pub mod health;
 pub mod logging;
 pub mod persistence;
 pub mod procs;
+pub mod recovery;
 pub mod schema;
 pub mod server;
 pub mod settings;

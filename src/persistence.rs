@@ -1,48 +1,68 @@
 //! Persistence: the only writer to the database.
 //!
-//! Task writes (running, progress, end) go through one ordered queue and are applied one at a time
-//! on the blocking pool, so they land in the order they were sent. A write that fails because the
-//! database is away (restart, network) stays at the head of the queue and is retried with backoff
-//! until it lands or `db_retry_secs` have passed; the writes behind it wait their turn, so nothing
-//! is reordered or lost. The queue stays small: a TaskActor has at most one progress write in
-//! flight (the rest of its events wait in its `events.jsonl`, which is the real buffer).
+//! Task writes (running, progress, end, repairs) go through one ordered queue and are applied one
+//! at a time on the blocking pool, so they land in the order they were sent. Every write is
+//! cleaned first ([`crate::clean`]): nothing a playbook prints can make a row unstorable.
+//!
+//! A failed write is classified, and only unavailability is retried:
+//!
+//! - **The database is away** (pool timeout, closed connection, a connection that no longer
+//!   answers, SQLite busy or I/O errors, a read-only PostgreSQL during failover): the write stays at
+//!   the head of the queue and is retried with backoff until it lands or `db_retry_secs` have
+//!   passed; the writes behind it wait, so nothing is reordered.
+//! - **The database refused the data** (constraint and data errors, a trigger's refusal, anything
+//!   else while the same connection still answers `SELECT 1`): never retried. The write is
+//!   repaired at once, part by part: an event that is refused is replaced by an `event_dropped`
+//!   marker, a host row without its message, an end without its details (see [`repair`]). Each
+//!   dropped part is logged and counted ([`DbHealth::repaired`], shown by `/readyz`), and the writes
+//!   behind it go on at once.
 //!
 //! New tasks are inserted outside the queue and never retried: `/api/run` must answer at once,
 //! `database unavailable, retry later`, rather than queue a task the caller was told failed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::NaiveDateTime;
+use diesel::connection::SimpleConnection;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use slog::{error, info, warn, Logger};
 use tokio::sync::oneshot;
 
+use crate::clean::Clean;
 use crate::db::{DbConnection, Pool};
 use crate::store::{self, Finish, HostState, NewEvent, NewTask, StoreError};
 
 /// First retry delay; doubled after each failure up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Longest database message quoted in a repair marker or log line.
+const MAX_REASON: usize = 300;
 
-/// Whether the last write (or probe) reached the database. Shared with `/readyz`.
+/// What the writer knows of the database, shared with `/readyz`.
 #[derive(Debug, Default)]
-pub struct DbHealth(AtomicBool);
+pub struct DbHealth {
+    up: AtomicBool,
+    repaired: AtomicU64,
+}
 
 impl DbHealth {
-    /// A health flag that starts "up".
+    /// A health record that starts "up" with nothing repaired.
     pub fn new() -> Arc<DbHealth> {
-        Arc::new(DbHealth(AtomicBool::new(true)))
+        Arc::new(DbHealth {
+            up: AtomicBool::new(true),
+            repaired: AtomicU64::new(0),
+        })
     }
-    /// Whether the database answered last time.
-    pub fn is_up(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+    /// Parts of writes the database refused and that were dropped or replaced by a marker.
+    pub fn repaired(&self) -> u64 {
+        self.repaired.load(Ordering::Relaxed)
     }
     fn set(&self, up: bool) -> bool {
-        self.0.swap(up, Ordering::Relaxed)
+        self.up.swap(up, Ordering::Relaxed)
     }
 }
 
@@ -52,8 +72,29 @@ enum Write {
     Running(MarkRunning),
     Progress(SaveProgress),
     Finish(Finish),
+    Repair(Vec<Truth>),
     /// Nothing to write: answers once every write before it has landed.
     Barrier,
+}
+
+impl Write {
+    fn clean(&mut self) {
+        match self {
+            Write::Running(_) | Write::Barrier => {}
+            Write::Progress(p) => {
+                p.events.clean();
+                p.hosts.clean();
+            }
+            Write::Finish(f) => f.clean(),
+            Write::Repair(truths) => {
+                for truth in truths {
+                    if let Truth::Ended(f) = truth {
+                        f.clean();
+                    }
+                }
+            }
+        }
+    }
 }
 
 struct Queued {
@@ -89,9 +130,10 @@ impl Persistence {
 
     fn enqueue(
         &mut self,
-        write: Write,
+        mut write: Write,
         ctx: &mut Context<Self>,
     ) -> ResponseFuture<Result<bool, StoreError>> {
+        write.clean();
         let (reply, rx) = oneshot::channel();
         self.queue.push_back(Queued {
             write,
@@ -105,7 +147,8 @@ impl Persistence {
         })
     }
 
-    /// Applies the head of the queue, then the next, until the queue is empty or a write fails.
+    /// Applies the head of the queue, then the next, until the queue is empty or a write fails
+    /// because the database is away.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.busy {
             return;
@@ -119,12 +162,16 @@ impl Persistence {
         let job = async move {
             tokio::task::spawn_blocking(move || apply(&pool, &write))
                 .await
-                .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+                .unwrap_or_else(|e| Applied::away(StoreError::Unavailable(e.to_string())))
         };
-        ctx.spawn(job.into_actor(self).map(|result, act, ctx| {
+        ctx.spawn(job.into_actor(self).map(|applied, act, ctx| {
             act.busy = false;
-            match result {
-                Err(e) if retryable(&e) && act.queue.front().is_some_and(|q| q.since.elapsed() < act.retry_for) => {
+            for part in &applied.repairs {
+                act.health.repaired.fetch_add(1, Ordering::Relaxed);
+                error!(act.log, "the database refused part of a write; dropped it and went on"; "part" => part);
+            }
+            match applied.result {
+                Err(e) if applied.away && act.queue.front().is_some_and(|q| q.since.elapsed() < act.retry_for) => {
                     if act.health.set(false) {
                         warn!(act.log, "database write failed, holding writes and retrying"; "error" => %e, "queued" => act.queue.len());
                     }
@@ -135,7 +182,7 @@ impl Persistence {
                 result => {
                     act.backoff = MIN_BACKOFF;
                     if let Err(e) = &result {
-                        error!(act.log, "database write given up"; "error" => %e);
+                        error!(act.log, "database write given up"; "error" => %e, "database_away" => applied.away);
                     } else if !act.health.set(true) {
                         info!(act.log, "database reachable again, writes resumed"; "queued" => act.queue.len());
                     }
@@ -149,26 +196,116 @@ impl Persistence {
     }
 }
 
-/// Errors that a later attempt may not see: everything but a refused row.
-fn retryable(e: &StoreError) -> bool {
-    match e {
-        StoreError::Duplicate => false,
-        StoreError::Unavailable(_) => true,
-        StoreError::Query(DieselError::DatabaseError(kind, _)) => !matches!(
-            kind,
-            DatabaseErrorKind::UniqueViolation
-                | DatabaseErrorKind::ForeignKeyViolation
-                | DatabaseErrorKind::NotNullViolation
-                | DatabaseErrorKind::CheckViolation
-        ),
-        StoreError::Query(DieselError::NotFound) => false,
-        StoreError::Query(_) => true,
+/// What became of one write.
+struct Applied {
+    result: Result<bool, StoreError>,
+    /// The database was away: worth retrying.
+    away: bool,
+    /// Parts the database refused, dropped or replaced by a marker (one line each).
+    repairs: Vec<String>,
+}
+
+impl Applied {
+    fn away(e: StoreError) -> Applied {
+        Applied {
+            result: Err(e),
+            away: true,
+            repairs: Vec::new(),
+        }
     }
 }
 
-fn apply(pool: &Pool, write: &Write) -> Result<bool, StoreError> {
-    let mut conn = pool.get()?;
+/// Why a statement failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// The database (or the way to it) is away: a later attempt may succeed.
+    Away,
+    /// The database answered and refused this data: the same write will always fail.
+    Refused,
+}
+
+/// Classifies `e`; `conn` is the connection it happened on, probed when the error alone does not
+/// say (diesel gives PostgreSQL's data exceptions, class 22, and trigger refusals no kind of their
+/// own, and SQLite's trigger refusals likewise).
+fn classify(conn: &mut DbConnection, e: &StoreError) -> Class {
+    use DatabaseErrorKind as K;
+    let answers = |conn: &mut DbConnection| {
+        if conn.batch_execute("SELECT 1").is_ok() {
+            Class::Refused
+        } else {
+            Class::Away
+        }
+    };
+    match e {
+        StoreError::Duplicate => Class::Refused,
+        StoreError::Unavailable(_) => Class::Away,
+        StoreError::Query(DieselError::DatabaseError(kind, info)) => match kind {
+            K::ClosedConnection
+            | K::UnableToSendCommand
+            | K::SerializationFailure
+            | K::ReadOnlyTransaction => Class::Away,
+            K::UniqueViolation
+            | K::ForeignKeyViolation
+            | K::NotNullViolation
+            | K::CheckViolation
+            | K::RestrictViolation
+            | K::ExclusionViolation => Class::Refused,
+            _ if sqlite_transient(info.message()) => Class::Away,
+            _ => answers(conn),
+        },
+        StoreError::Query(
+            DieselError::NotFound
+            | DieselError::SerializationError(_)
+            | DieselError::DeserializationError(_)
+            | DieselError::QueryBuilderError(_),
+        ) => Class::Refused,
+        StoreError::Query(_) => answers(conn),
+    }
+}
+
+/// SQLite's messages for a database that is busy, locked or cannot be read or written just now.
+fn sqlite_transient(message: &str) -> bool {
+    const TRANSIENT: [&str; 5] = [
+        "database is locked",
+        "database table is locked",
+        "disk I/O error",
+        "database or disk is full",
+        "unable to open database file",
+    ];
+    TRANSIENT.iter().any(|t| message.contains(t))
+}
+
+fn reason(e: &StoreError) -> String {
+    crate::clean::text(&e.to_string())
+        .chars()
+        .take(MAX_REASON)
+        .collect()
+}
+
+fn apply(pool: &Pool, write: &Write) -> Applied {
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(e) => return Applied::away(e.into()),
+    };
     let c: &mut DbConnection = &mut conn;
+    let mut repairs = Vec::new();
+    let result = match run(c, write) {
+        Ok(v) => Ok(v),
+        Err(e) if classify(c, &e) == Class::Away => return Applied::away(e),
+        Err(e) => repair(c, write, &e, &mut repairs),
+    };
+    let away = match &result {
+        Err(e) => classify(c, e) == Class::Away,
+        Ok(_) => false,
+    };
+    Applied {
+        result,
+        away,
+        repairs,
+    }
+}
+
+fn run(c: &mut DbConnection, write: &Write) -> Result<bool, StoreError> {
     match write {
         Write::Running(m) => store::mark_running(
             c,
@@ -178,18 +315,195 @@ fn apply(pool: &Pool, write: &Write) -> Result<bool, StoreError> {
             m.pid,
             m.pid_start_time,
             &m.instance,
+            m.forks,
         ),
         Write::Progress(p) => {
-            if !p.events.is_empty() {
-                store::insert_events(c, p.task_id, &p.events, p.offset)?;
-            }
+            store::insert_events(c, p.task_id, &p.events, p.offset)?;
             if !p.hosts.is_empty() {
                 store::update_hosts(c, p.task_id, &p.hosts)?;
             }
             Ok(true)
         }
         Write::Finish(f) => store::finish(c, f),
+        Write::Repair(truths) => {
+            for truth in truths {
+                repair_row(c, truth)?;
+            }
+            Ok(true)
+        }
         Write::Barrier => Ok(true),
+    }
+}
+
+/// Writes a refused write again in smaller parts, dropping (or replacing with a marker) each part
+/// the database still refuses. An error here is returned as the write's result.
+fn repair(
+    c: &mut DbConnection,
+    write: &Write,
+    first: &StoreError,
+    repairs: &mut Vec<String>,
+) -> Result<bool, StoreError> {
+    match write {
+        Write::Progress(p) => {
+            for event in &p.events {
+                let one = std::slice::from_ref(event);
+                let Err(e) = store::insert_events(c, p.task_id, one, p.offset) else {
+                    continue;
+                };
+                if classify(c, &e) == Class::Away {
+                    return Err(e);
+                }
+                let marker = NewEvent {
+                    kind: "event_dropped".into(),
+                    host: None,
+                    task_name: None,
+                    payload: serde_json::json!({
+                        "event": "event_dropped", "kind": &event.kind, "reason": reason(&e),
+                    })
+                    .to_string(),
+                    ..event.clone()
+                };
+                repairs.push(format!(
+                    "task {} event {} ({}): {}",
+                    p.task_id,
+                    event.seq,
+                    event.kind,
+                    reason(&e)
+                ));
+                if let Err(e) = store::insert_events(c, p.task_id, &[marker], p.offset) {
+                    repairs.push(format!(
+                        "task {} event {} marker: {}",
+                        p.task_id,
+                        event.seq,
+                        reason(&e)
+                    ));
+                }
+            }
+            store::insert_events(c, p.task_id, &[], p.offset)?;
+            for host in &p.hosts {
+                if let Err(e) = store::update_hosts(c, p.task_id, std::slice::from_ref(host)) {
+                    if classify(c, &e) == Class::Away {
+                        return Err(e);
+                    }
+                    repairs.push(format!(
+                        "task {} host {} progress: {}",
+                        p.task_id,
+                        host.host,
+                        reason(&e)
+                    ));
+                    let bare = HostState {
+                        msg: None,
+                        ..host.clone()
+                    };
+                    if let Err(e) = store::update_hosts(c, p.task_id, &[bare]) {
+                        repairs.push(format!(
+                            "task {} host {} counters: {}",
+                            p.task_id,
+                            host.host,
+                            reason(&e)
+                        ));
+                    }
+                }
+            }
+            Ok(true)
+        }
+        Write::Running(m) => {
+            repairs.push(format!(
+                "task {} host rows at start: {}",
+                m.task_id,
+                reason(first)
+            ));
+            let bare = MarkRunning {
+                nodes: Vec::new(),
+                ..m.clone()
+            };
+            run(c, &Write::Running(bare))
+        }
+        Write::Finish(f) => {
+            let plain = plain_end(f, first);
+            repairs.push(format!("task {} end details: {}", f.id, reason(first)));
+            match store::finish(c, &plain) {
+                Err(e) if classify(c, &e) == Class::Refused => {
+                    repairs.push(format!("task {} host rows at end: {}", f.id, reason(&e)));
+                    store::finish(
+                        c,
+                        &Finish {
+                            hosts: Vec::new(),
+                            ..plain
+                        },
+                    )
+                }
+                other => other,
+            }
+        }
+        Write::Repair(truths) => {
+            for truth in truths {
+                if let Err(e) = repair_row(c, truth) {
+                    if classify(c, &e) == Class::Away {
+                        return Err(e);
+                    }
+                    let (id, plain) = match truth {
+                        Truth::Running(m) => (
+                            m.task_id,
+                            Truth::Running(MarkRunning {
+                                nodes: Vec::new(),
+                                ..m.clone()
+                            }),
+                        ),
+                        Truth::Ended(f) => (
+                            f.id,
+                            Truth::Ended(Finish {
+                                hosts: Vec::new(),
+                                ..plain_end(f, &e)
+                            }),
+                        ),
+                    };
+                    repairs.push(format!("task {id} repair: {}", reason(&e)));
+                    if let Err(e) = repair_row(c, &plain) {
+                        repairs.push(format!("task {id} plain repair: {}", reason(&e)));
+                    }
+                }
+            }
+            Ok(true)
+        }
+        Write::Barrier => Ok(true),
+    }
+}
+
+/// The end of a task without what the database refused: host messages dropped and `err` replaced
+/// by a sentence that says so.
+fn plain_end(f: &Finish, refused: &StoreError) -> Finish {
+    Finish {
+        err: f.err.as_ref().map(|_| {
+            format!(
+                "{}; the details of this end could not be stored: {}",
+                f.status.name(),
+                reason(refused)
+            )
+        }),
+        hosts: f
+            .hosts
+            .iter()
+            .map(|h| HostState {
+                msg: None,
+                ..h.clone()
+            })
+            .collect(),
+        ..f.clone()
+    }
+}
+
+/// Brings one row up to what the supervisor knows, if it is behind.
+fn repair_row(c: &mut DbConnection, truth: &Truth) -> Result<bool, StoreError> {
+    match truth {
+        Truth::Running(m) => {
+            let behind = store::get_task(c, m.task_id)?.is_some_and(|t| t.status == 1);
+            if !behind {
+                return Ok(false);
+            }
+            run(c, &Write::Running(m.clone()))
+        }
+        Truth::Ended(f) => store::finish(c, f),
     }
 }
 
@@ -233,7 +547,10 @@ pub struct MarkRunning {
     pub started_at: NaiveDateTime,
     pub pid: i32,
     pub pid_start_time: i64,
+    /// Run-directory root the task runs under.
     pub instance: String,
+    /// Forks it runs with (`--forks`), recorded in `tasks.forks`.
+    pub forks: u32,
 }
 
 impl Handler<MarkRunning> for Persistence {
@@ -285,14 +602,34 @@ impl Handler<Flush> for Persistence {
     }
 }
 
-/// Number of writes waiting (for tests and `/readyz`).
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct QueueLen;
+/// What the supervisor knows of a task that its row may be behind on.
+#[derive(Debug, Clone)]
+pub enum Truth {
+    /// Its process started.
+    Running(MarkRunning),
+    /// It ended so.
+    Ended(Finish),
+}
 
-impl Handler<QueueLen> for Persistence {
-    type Result = usize;
-    fn handle(&mut self, _: QueueLen, _: &mut Context<Self>) -> usize {
-        self.queue.len()
+impl Truth {
+    /// The task it is about.
+    pub fn task_id(&self) -> i64 {
+        match self {
+            Truth::Running(m) => m.task_id,
+            Truth::Ended(f) => f.id,
+        }
+    }
+}
+
+/// Bring rows that are behind up to these truths (rows already there are left alone); queued
+/// like every write, so it never overtakes one sent before it.
+#[derive(Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct Repair(pub Vec<Truth>);
+
+impl Handler<Repair> for Persistence {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+    fn handle(&mut self, m: Repair, ctx: &mut Context<Self>) -> Self::Result {
+        self.enqueue(Write::Repair(m.0), ctx)
     }
 }

@@ -33,6 +33,7 @@ diesel::table! {
         pid_start_time -> Nullable<BigInt>,
         events_offset -> BigInt,
         instance -> Nullable<Text>,
+        agent -> Nullable<Text>,
     }
 }
 

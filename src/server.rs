@@ -1,10 +1,10 @@
-//! Putting the parts together: open and migrate the database, install the callback plugin, find
-//! what an earlier server left behind, start the actors and serve HTTP on an already-bound
-//! listener (so tests bind `127.0.0.1:0`) until asked to shut down.
+//! Putting the parts together: open and migrate the database, install the callback plugin, plan
+//! the recovery of what an earlier run left behind (`recovery`), start the actors and serve HTTP
+//! on an already-bound listener (so tests bind `127.0.0.1:0`) until asked to shut down.
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,15 +14,14 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use slog::{error, info, warn, Logger};
 
-use crate::ansible::rundir::{self, RunDir};
+use crate::ansible::rundir;
 use crate::api::{self, ApiError, AppState, ErrorMessage};
 use crate::auth::{Access, OPEN_PATHS};
 use crate::db::{self, Pool, Target};
 use crate::persistence::{DbHealth, Flush, Persistence};
 use crate::settings::Settings;
-use crate::store;
-use crate::supervisor::{Close, Orphan, QueueSlots, Recover, TaskSpec, TaskSupervisor};
-use crate::{health, procs, time};
+use crate::supervisor::{Close, QueueSlots, Recover, TaskSupervisor};
+use crate::{health, procs, recovery};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::ResponseError;
 use futures_util::future::Either;
@@ -86,90 +85,22 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
             warn!(log, "run_as_user is set but downlink is not root: starting tasks will fail unless it has CAP_SETUID and CAP_SETGID"; "run_as_user" => &r.name);
         }
     }
-    let run_root = rundir::install(&settings.run_dir, run_as.as_ref())
-        .with_context(|| format!("preparing run directory {}", settings.run_dir.display()))?;
-    let recover = find_unfinished(&mut conn, &run_root, log)?;
+    let agent_dir = settings.run_dir.join(&settings.agent_name);
+    let run_root = rundir::install(&agent_dir, run_as.as_ref())
+        .with_context(|| format!("preparing run directory {}", agent_dir.display()))?;
+    let plan = recovery::plan(&mut conn, &settings.agent_name, &run_root)?;
     drop(conn);
+    if !plan.is_empty() {
+        info!(log, "unfinished tasks found"; "agent" => &settings.agent_name,
+              "adopt" => plan.adopt.len(), "requeue" => plan.requeue.len(), "end" => plan.end.len());
+    }
+    let recover = Recover(plan);
     Ok(Prepared {
         settings: Arc::new(settings),
         pool,
         run_root,
         recover,
     })
-}
-
-/// Tasks left pending or running. A task counts as started (to adopt, never to run again) if it
-/// is recorded as running by this run directory, or if its run directory already has an events
-/// file (it was started, but the server died before recording it).
-fn find_unfinished(
-    conn: &mut db::DbConnection,
-    run_root: &Path,
-    log: &Logger,
-) -> anyhow::Result<Recover> {
-    let instance = run_root.to_string_lossy().into_owned();
-    let mut orphans = Vec::new();
-    let mut pending = Vec::new();
-    for task in store::tasks_with_status(conn, &[1, 2])? {
-        if task.status == 2 && task.instance.as_deref() != Some(instance.as_str()) {
-            warn!(log, "task runs under another run directory, leaving it alone";
-                  "task_id" => task.id, "instance" => task.instance.clone());
-            continue;
-        }
-        let spec = match TaskSpec::from_row(&task) {
-            Ok(spec) => spec,
-            Err(e) => {
-                error!(log, "stored task cannot be read, leaving it alone"; "task_id" => task.id, "error" => e);
-                continue;
-            }
-        };
-        let dir = RunDir::of(run_root, task.id);
-        if task.status == 1 && !dir.events().exists() {
-            if task.params == "null" {
-                // Its params were never stored (store_params = false): it cannot run as asked.
-                let fin = store::Finish {
-                    id: task.id,
-                    status: crate::status::Status::Failed,
-                    err: Some("its params were not stored (store_params = false), so it could not run after downlink restarted".into()),
-                    exit_code: None,
-                    ended_at: time::now(),
-                    hosts: crate::ansible::events::Hosts::new(&spec.nodes).finish(crate::ansible::events::Ending::Exited),
-                };
-                store::finish(conn, &fin)?;
-                warn!(log, "pending task without stored params ended as failed"; "task_id" => task.id);
-                continue;
-            }
-            pending.push(spec);
-            continue;
-        }
-        let (pid, start_time) = match (task.pid, task.pid_start_time) {
-            (Some(pid), Some(start)) => (pid, start),
-            _ => procs::leader(&dir.mark()).unwrap_or((0, 0)),
-        };
-        let started_at = task.started_at.unwrap_or_else(time::now);
-        if task.status == 1 {
-            // Started, but not recorded: record it now so its end can follow.
-            store::mark_running(
-                conn,
-                task.id,
-                &spec.nodes,
-                started_at,
-                pid,
-                start_time,
-                &instance,
-            )?;
-        }
-        orphans.push(Orphan {
-            spec,
-            started_at,
-            pid,
-            start_time,
-            stored_offset: u64::try_from(task.events_offset).unwrap_or(0),
-        });
-    }
-    if !orphans.is_empty() || !pending.is_empty() {
-        info!(log, "unfinished tasks found"; "running" => orphans.len(), "pending" => pending.len());
-    }
-    Ok(Recover { orphans, pending })
 }
 
 /// Serves until `shutdown` completes, then shuts down gracefully: `parallel_run` callers are
@@ -188,6 +119,7 @@ pub async fn run(
         run_root,
         recover,
     } = prepared;
+    log_panics(&log);
     let db_health = DbHealth::new();
     let persistence = Persistence::new(
         pool.clone(),
@@ -215,6 +147,7 @@ pub async fn run(
         log: log.clone(),
         closing,
         health: health::Checks::new(settings.ansible_playbook.clone()),
+        db_health,
         slots,
     });
     let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);
@@ -315,6 +248,20 @@ pub async fn run(
         _ => error!(log, "writes could not be flushed before exit; the next start recovers them from the run directories"),
     }
     Ok(())
+}
+
+/// Logs every panic (a bug: an actor that panics is ended and its task recorded as interrupted)
+/// through the first server's logger, besides the default report on standard error.
+fn log_panics(log: &Logger) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let log = log.clone();
+    ONCE.call_once(move || {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            error!(log, "internal error (panic)"; "panic" => info.to_string());
+            default(info);
+        }));
+    });
 }
 
 /// The rustls configuration of the settings' certificate and key, if HTTPS is on.

@@ -28,6 +28,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    pub agent_name: String,
     pub bind: String,
     pub workers: usize,
     pub tls_cert_file: String,
@@ -61,6 +62,9 @@ pub struct Settings {
     pub client_timeout_secs: u64,
     pub store_params: bool,
     pub db_retry_secs: u64,
+    pub reconcile_secs: u64,
+    pub max_output_bytes: u64,
+    pub max_events_file_bytes: u64,
     pub stop_tasks_on_shutdown: bool,
     pub shutdown_timeout_secs: u64,
     pub log_format: LogFormat,
@@ -125,9 +129,12 @@ impl Settings {
             })?;
             table.insert(key, value);
         }
-        let settings: Settings = toml::Value::Table(table)
+        let mut settings: Settings = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| SettingsError::Invalid(e.message().to_owned()))?;
+        if settings.agent_name.is_empty() {
+            settings.agent_name = host_name();
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -136,6 +143,17 @@ impl Settings {
         let bad = |m: &str| Err(SettingsError::Invalid(m.to_owned()));
         if self.max_forks == 0 {
             return bad("max_forks must be at least 1");
+        }
+        if !is_agent_name(&self.agent_name) {
+            return bad("agent_name must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names the agent's run directory");
+        }
+        if self.reconcile_secs == 0 {
+            return bad("reconcile_secs must be at least 1");
+        }
+        if self.max_output_bytes < 4096 || self.max_events_file_bytes < 65536 {
+            return bad(
+                "max_output_bytes must be at least 4096 and max_events_file_bytes at least 65536",
+            );
         }
         if self.max_fork_num == 0 {
             return bad("max_fork_num must be at least 1");
@@ -180,6 +198,40 @@ impl Settings {
         } else {
             self.database_url.clone()
         }
+    }
+}
+
+/// Whether `name` can name an agent (and its run directory: one safe path component).
+pub fn is_agent_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The machine's host name as an agent name (characters outside the allowed set become `-`).
+fn host_name() -> String {
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_start_matches(['.', '-']).to_owned();
+    if name.is_empty() {
+        "downlink".to_owned()
+    } else {
+        name
     }
 }
 
@@ -259,6 +311,18 @@ mod tests {
         std::fs::write(&path, "max_forsk = 3\n").unwrap();
         let err = Settings::load(Some(&path), Vec::new()).unwrap_err();
         assert!(err.to_string().contains("unknown key `max_forsk`"), "{err}");
+    }
+
+    #[test]
+    fn agent_name_defaults_to_the_host_name_and_must_be_one_path_component() {
+        let s = Settings::defaults();
+        assert!(is_agent_name(&s.agent_name), "{}", s.agent_name);
+        for bad in ["../x", "a/b", ".hidden", "-x", "a b"] {
+            let err = Settings::load(None, env(&[("DOWNLINK_AGENT_NAME", bad)])).unwrap_err();
+            assert!(err.to_string().contains("agent_name"), "{bad}: {err}");
+        }
+        let s = Settings::load(None, env(&[("DOWNLINK_AGENT_NAME", "dc1-agent_2.x")])).unwrap();
+        assert_eq!(s.agent_name, "dc1-agent_2.x");
     }
 
     #[test]

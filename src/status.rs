@@ -32,6 +32,19 @@ impl Status {
         })
     }
 
+    /// The name in `task_statuses.name`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Failed => "failed",
+            Status::Success => "success",
+            Status::Stopped => "stopped",
+            Status::Timeout => "timeout",
+            Status::Interrupted => "interrupted",
+        }
+    }
+
     /// Whether the status never changes again.
     pub fn is_terminal(self) -> bool {
         !matches!(self, Status::Pending | Status::Running)

@@ -3,6 +3,7 @@
 //! ones through `web::block`.
 
 use chrono::NaiveDateTime;
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
@@ -35,6 +36,7 @@ pub struct Task {
     pub pid_start_time: Option<i64>,
     pub events_offset: i64,
     pub instance: Option<String>,
+    pub agent: Option<String>,
 }
 
 /// A new task, as validated from a request.
@@ -53,6 +55,7 @@ pub struct NewTask {
     pub source: String,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    pub agent: String,
 }
 
 /// A per-host result row.
@@ -151,6 +154,34 @@ impl From<diesel::r2d2::PoolError> for StoreError {
     }
 }
 
+/// Runs `f` in a transaction that takes the write lock at its start: on SQLite `BEGIN IMMEDIATE`,
+/// so a transaction that reads and then writes waits (busy_timeout) for a concurrent writer instead
+/// of failing BUSY when it tries to upgrade its read lock; on PostgreSQL a plain transaction.
+fn write_transaction<T>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    type Manager = <DbConnection as Connection>::TransactionManager;
+    match conn {
+        DbConnection::Sqlite(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
+        DbConnection::Pg(_) => Manager::begin_transaction(conn)?,
+    }
+    match f(conn) {
+        Ok(value) => {
+            Manager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            // The statement's error is the one worth reporting; a failed rollback marks the
+            // connection broken, and the pool replaces it.
+            let _ = Manager::rollback_transaction(conn);
+            Err(e)
+        }
+    }
+}
+
 /// Inserts a task; its id once committed.
 pub fn insert_task(conn: &mut DbConnection, new: &NewTask) -> Result<i64, StoreError> {
     diesel::insert_into(tasks::table)
@@ -174,13 +205,16 @@ pub fn get_task(conn: &mut DbConnection, id: i64) -> Result<Option<Task>, StoreE
         .optional()?)
 }
 
-/// Every task with one of these statuses, oldest first.
+/// Every task of `agent` (or of no agent: stored before agents had names) with one of these
+/// statuses, oldest first.
 pub fn tasks_with_status(
     conn: &mut DbConnection,
+    agent: &str,
     statuses: &[i32],
 ) -> Result<Vec<Task>, StoreError> {
     Ok(tasks::table
         .filter(tasks::status.eq_any(statuses))
+        .filter(tasks::agent.eq(agent).or(tasks::agent.is_null()))
         .order(tasks::id.asc())
         .select(Task::as_select())
         .load(conn)?)
@@ -233,8 +267,9 @@ pub fn mark_running(
     pid: i32,
     pid_start_time: i64,
     instance: &str,
+    forks: u32,
 ) -> Result<bool, StoreError> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let changed = diesel::update(
             tasks::table
                 .find(id)
@@ -247,6 +282,7 @@ pub fn mark_running(
             tasks::pid.eq(pid),
             tasks::pid_start_time.eq(pid_start_time),
             tasks::instance.eq(instance),
+            tasks::forks.eq(i32::try_from(forks).unwrap_or(i32::MAX)),
         ))
         .execute(conn)?;
         let task = match (changed, get_task(conn, id)?) {
@@ -288,7 +324,7 @@ pub fn update_hosts(
     task_id: i64,
     hosts: &[HostState],
 ) -> Result<(), StoreError> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         for state in hosts {
             update_host(conn, task_id, state)?;
         }
@@ -317,7 +353,7 @@ pub fn insert_events(
     events: &[NewEvent],
     offset: i64,
 ) -> Result<(), StoreError> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         // A retried write may find its events already stored: keep only the new ones.
         let stored: Option<i32> = task_events::table
             .filter(task_events::task_id.eq(task_id))
@@ -340,7 +376,7 @@ pub fn insert_events(
 /// Writes a task's end: every host's final state (creating rows for nodes never reached), then the
 /// status transition. False if the task had already ended (then nothing changes).
 pub fn finish(conn: &mut DbConnection, fin: &Finish) -> Result<bool, StoreError> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let Some(task) = get_task(conn, fin.id)? else {
             return Ok(false);
         };

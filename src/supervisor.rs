@@ -4,25 +4,34 @@
 //! A task costs its forks (`min(fork_num, nodes, max_forks)`); the sum over running tasks never
 //! exceeds `max_forks`. Pending tasks start strictly in arrival (id) order: a large task at the head
 //! of the queue is not overtaken by smaller ones behind it, so nothing starves. Admission and
-//! release happen inside this actor's handlers, one at a time, so they cannot race.
+//! release happen inside this actor's handlers, one at a time, so they cannot race. A stored task
+//! that asks for more forks than the budget now has (the operator lowered `max_forks` and
+//! restarted) runs with the whole budget instead of waiting for ever.
+//!
+//! It is also the reconciler. It knows the truth of every task it holds: queued, started (the
+//! [`MarkRunning`] its TaskActor sent), or ended with a write the database never took (kept in
+//! `owed`, and in the run directory's `end.json`). Every `reconcile_secs` it hands those truths to
+//! Persistence, which brings any row that fell behind up to them; an owed end is dropped once it
+//! is written. A task whose TaskActor stops without an end (a panic) is ended here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use serde_json::{Map, Value};
-use slog::{info, o, warn, Logger};
+use slog::{error, info, o, warn, Logger};
 use tokio::sync::oneshot;
 
 use crate::ansible::events::{Ending, Hosts};
-use crate::persistence::{FinishTask, Persistence};
+use crate::ansible::rundir::RunDir;
+use crate::persistence::{FinishTask, MarkRunning, Persistence, Repair, Truth};
+use crate::recovery::Plan;
 use crate::settings::Settings;
 use crate::status::Status;
-use crate::store::Finish;
-use crate::store::Task;
-use crate::task::{Kill, Origin, TaskActor};
+use crate::store::{Finish, Task};
+use crate::task::{EndFile, Kill, Origin, TaskActor};
 use crate::time;
 
 /// Everything needed to run a stored task.
@@ -105,7 +114,11 @@ impl QueueSlots {
 
 struct Running {
     addr: Addr<TaskActor>,
+    name: String,
     forks: u32,
+    nodes: Vec<String>,
+    /// Its process started, as recorded (or to be recorded) in its row.
+    started: Option<MarkRunning>,
 }
 
 /// The supervisor actor.
@@ -119,8 +132,15 @@ pub struct TaskSupervisor {
     queue: VecDeque<TaskSpec>,
     running: HashMap<i64, Running>,
     waiters: HashMap<i64, Vec<oneshot::Sender<()>>>,
+    /// Ends the database has not taken yet: written again by the reconciler.
+    owed: BTreeMap<i64, Finish>,
+    /// A reconciliation is under way.
+    reconciling: bool,
     /// Shutting down: nothing more is admitted.
     closing: bool,
+    /// Shared with every TaskActor: set at shutdown, so actors dropped with the server leave their
+    /// processes to the next start.
+    shutting_down: Arc<AtomicBool>,
 }
 
 impl TaskSupervisor {
@@ -142,7 +162,10 @@ impl TaskSupervisor {
             queue: VecDeque::new(),
             running: HashMap::new(),
             waiters: HashMap::new(),
+            owed: BTreeMap::new(),
+            reconciling: false,
             closing: false,
+            shutting_down: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -151,15 +174,23 @@ impl TaskSupervisor {
         if self.closing {
             return;
         }
+        let max = self.settings.max_forks;
         while let Some(head) = self.queue.front() {
-            if self.used_forks + head.forks > self.settings.max_forks {
+            // A task stored under a larger budget runs with the budget there is now.
+            if self.used_forks + head.forks.min(max) > max {
                 break;
             }
-            let Some(spec) = self.queue.pop_front() else {
+            let Some(mut spec) = self.queue.pop_front() else {
                 break;
             };
+            if spec.forks > max {
+                info!(self.log, "task asks for more forks than max_forks; it runs with max_forks";
+                      "task_id" => spec.id, "forks" => spec.forks, "max_forks" => max);
+                spec.forks = max;
+            }
             self.slots.give_back();
-            self.start_task(spec, time::now(), Origin::Spawn, ctx);
+            let dir = RunDir::of(&self.run_root, spec.id);
+            self.start_task(spec, time::now(), Origin::Spawn, dir, None, ctx);
         }
     }
 
@@ -169,6 +200,8 @@ impl TaskSupervisor {
         spec: TaskSpec,
         started_at: chrono::NaiveDateTime,
         origin: Origin,
+        dir: RunDir,
+        started: Option<MarkRunning>,
         ctx: &mut Context<Self>,
     ) {
         self.used_forks += spec.forks;
@@ -176,19 +209,72 @@ impl TaskSupervisor {
             .log
             .new(o!("task_id" => spec.id, "task_name" => spec.name.clone()));
         info!(log, "task admitted"; "forks" => spec.forks, "forks_in_use" => self.used_forks);
-        let (id, forks) = (spec.id, spec.forks);
+        let (id, forks, nodes, name) = (spec.id, spec.forks, spec.nodes.clone(), spec.name.clone());
         let addr = TaskActor::new(
             spec,
             started_at,
             origin,
             self.settings.clone(),
             self.run_root.clone(),
+            dir,
             self.persistence.clone(),
             ctx.address(),
+            self.shutting_down.clone(),
             log,
         )
         .start();
-        self.running.insert(id, Running { addr, forks });
+        self.running.insert(
+            id,
+            Running {
+                addr,
+                name,
+                forks,
+                nodes,
+                started,
+            },
+        );
+    }
+
+    /// Frees a task's forks and wakes its waiters; keeps its end if the database did not take it.
+    fn ended(&mut self, id: i64, unrecorded: Option<Finish>, ctx: &mut Context<Self>) {
+        match self.running.remove(&id) {
+            Some(r) => self.used_forks = self.used_forks.saturating_sub(r.forks),
+            None => warn!(self.log, "end of an unknown task"; "task_id" => id),
+        }
+        if let Some(fin) = unrecorded {
+            self.owed.insert(id, fin);
+        }
+        self.wake(id);
+        self.admit(ctx);
+    }
+
+    /// Hands what this supervisor knows to Persistence, which repairs the rows that are behind.
+    fn reconcile(&mut self, ctx: &mut Context<Self>) {
+        if self.reconciling {
+            return;
+        }
+        let mut truths: Vec<Truth> = self
+            .running
+            .values()
+            .filter_map(|r| r.started.clone().map(Truth::Running))
+            .collect();
+        truths.extend(self.owed.values().cloned().map(Truth::Ended));
+        if truths.is_empty() {
+            return;
+        }
+        let owed: Vec<i64> = self.owed.keys().copied().collect();
+        self.reconciling = true;
+        let sent = self.persistence.send(Repair(truths));
+        ctx.spawn(sent.into_actor(self).map(move |res, act, _| {
+            act.reconciling = false;
+            if let Ok(Ok(_)) = res {
+                for id in owed {
+                    if act.owed.remove(&id).is_some() {
+                        info!(act.log, "an end the database had missed is recorded now"; "task_id" => id);
+                    }
+                }
+            }
+        }));
     }
 
     /// Queues a task in id (arrival) order, even if two inserts answered out of order.
@@ -212,6 +298,11 @@ impl TaskSupervisor {
 
 impl Actor for TaskSupervisor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = std::time::Duration::from_secs(self.settings.reconcile_secs);
+        ctx.run_interval(every, |act, ctx| act.reconcile(ctx));
+    }
 }
 
 /// Queue a stored task; with `wait`, also answer a receiver that fires when it has ended.
@@ -258,6 +349,8 @@ pub enum EndOutcome {
 #[rtype(result = "EndOutcome")]
 pub struct EndTask {
     pub id: i64,
+    /// When set, the task must also have this name (a stop checked here, the database being away).
+    pub name: Option<String>,
     pub reason: EndReason,
 }
 
@@ -272,6 +365,17 @@ impl Handler<EndTask> for TaskSupervisor {
                 timeout_err(self.settings.parallel_run_timeout_secs),
             ),
         };
+        let named = |spec_name: &str| msg.name.as_deref().is_none_or(|n| n == spec_name);
+        if self.queue.iter().any(|t| t.id == msg.id && !named(&t.name))
+            || self.running.get(&msg.id).is_some_and(|r| !named(&r.name))
+        {
+            return Box::pin(async { EndOutcome::NotLive });
+        }
+        if self.owed.contains_key(&msg.id) {
+            // Ended already; its end waits for the database.
+            let why = "its end is not recorded yet: the database is unavailable".to_owned();
+            return Box::pin(async move { EndOutcome::Failed(why) });
+        }
         if let Some(pos) = self.queue.iter().position(|t| t.id == msg.id) {
             let Some(spec) = self.queue.remove(pos) else {
                 return Box::pin(async { EndOutcome::NotLive });
@@ -289,16 +393,36 @@ impl Handler<EndTask> for TaskSupervisor {
                 ended_at: time::now(),
                 hosts: Hosts::new(&spec.nodes).finish(ending),
             };
+            // Kept until the database takes it, so it never runs, not even after a restart.
+            self.owed.insert(spec.id, fin.clone());
+            let verdict = RunDir::of(&self.run_root, spec.id);
+            let file = EndFile {
+                status: status.code(),
+                err: fin.err.clone(),
+                exit_code: None,
+            };
             let rx = self.wait_for(spec.id);
             let persistence = self.persistence.clone();
             let me = ctx.address();
             return Box::pin(async move {
+                let written = tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&verdict.path)?;
+                    let json = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+                    std::fs::write(verdict.verdict(), json)
+                })
+                .await;
+                if !matches!(written, Ok(Ok(()))) {
+                    warn!(log, "cannot write end.json of a stopped pending task");
+                }
                 let outcome = match persistence.send(FinishTask(fin)).await {
                     Ok(Ok(_)) => EndOutcome::Ended,
                     Ok(Err(e)) => EndOutcome::Failed(e.to_string()),
                     Err(e) => EndOutcome::Failed(e.to_string()),
                 };
-                me.do_send(Wake(msg.id));
+                me.do_send(Settled {
+                    id: msg.id,
+                    recorded: outcome == EndOutcome::Ended,
+                });
                 let _ = rx.await;
                 outcome
             });
@@ -315,69 +439,88 @@ impl Handler<EndTask> for TaskSupervisor {
     }
 }
 
-/// Wake the waiters of a task that ended without a TaskActor (stopped while pending).
+/// A task ended without a TaskActor (stopped while pending): wake its waiters, and forget its end
+/// once the database has it.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Wake(pub i64);
+pub struct Settled {
+    pub id: i64,
+    pub recorded: bool,
+}
 
-impl Handler<Wake> for TaskSupervisor {
+impl Handler<Settled> for TaskSupervisor {
     type Result = ();
-    fn handle(&mut self, msg: Wake, _: &mut Context<Self>) {
-        self.wake(msg.0);
+    fn handle(&mut self, msg: Settled, _: &mut Context<Self>) {
+        if msg.recorded {
+            self.owed.remove(&msg.id);
+        }
+        self.wake(msg.id);
     }
 }
 
-/// A receiver that fires when the task has ended; `None` if it is not live here.
-#[derive(Message)]
-#[rtype(result = "Option<oneshot::Receiver<()>>")]
-pub struct WaitEnd(pub i64);
-
-impl Handler<WaitEnd> for TaskSupervisor {
-    type Result = Option<oneshot::Receiver<()>>;
-    fn handle(&mut self, msg: WaitEnd, _: &mut Context<Self>) -> Self::Result {
-        let live = self.running.contains_key(&msg.0) || self.queue.iter().any(|t| t.id == msg.0);
-        live.then(|| self.wait_for(msg.0))
-    }
-}
-
-/// Sent by a TaskActor once its end is recorded: frees its forks and wakes its waiters.
+/// Sent by a TaskActor once its process started (the same record it sent to Persistence).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct TaskEnded(pub i64);
+pub struct TaskStarted(pub MarkRunning);
+
+impl Handler<TaskStarted> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: TaskStarted, _: &mut Context<Self>) {
+        if let Some(r) = self.running.get_mut(&msg.0.task_id) {
+            r.started = Some(msg.0);
+        }
+    }
+}
+
+/// Sent by a TaskActor's guard when the actor went away without recording an end (its code
+/// panicked); `killed` if the task's process group was killed then.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskLost {
+    pub id: i64,
+    pub killed: bool,
+}
+
+impl Handler<TaskLost> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: TaskLost, ctx: &mut Context<Self>) {
+        let Some(running) = self.running.get(&msg.id) else {
+            return;
+        };
+        error!(self.log, "the actor of a task stopped unexpectedly; ending the task"; "task_id" => msg.id);
+        let err = format!(
+            "downlink's supervision of this task failed unexpectedly (an internal error, see the server log){}",
+            if msg.killed { "; ansible-playbook was killed" } else { "" }
+        );
+        let fin = Finish {
+            id: msg.id,
+            status: Status::Interrupted,
+            err: Some(err),
+            exit_code: None,
+            ended_at: time::now(),
+            hosts: Hosts::new(&running.nodes).finish(Ending::Interrupted),
+        };
+        let sent = self.persistence.send(FinishTask(fin.clone()));
+        ctx.spawn(sent.into_actor(self).map(move |res, act, ctx| {
+            let unrecorded = (!matches!(res, Ok(Ok(_)))).then_some(fin);
+            act.ended(msg.id, unrecorded, ctx);
+        }));
+    }
+}
+
+/// Sent by a TaskActor at its end: frees its forks and wakes its waiters. `unrecorded` is the end
+/// the database did not take (kept and written by the reconciler).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskEnded {
+    pub id: i64,
+    pub unrecorded: Option<Finish>,
+}
 
 impl Handler<TaskEnded> for TaskSupervisor {
     type Result = ();
     fn handle(&mut self, msg: TaskEnded, ctx: &mut Context<Self>) {
-        match self.running.remove(&msg.0) {
-            Some(r) => self.used_forks -= r.forks,
-            None => warn!(self.log, "end of an unknown task"; "task_id" => msg.0),
-        }
-        self.wake(msg.0);
-        self.admit(ctx);
-    }
-}
-
-/// Current load, for tests and operators.
-#[derive(Message)]
-#[rtype(result = "Load")]
-pub struct GetLoad;
-
-/// Forks in use and task counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, MessageResponse)]
-pub struct Load {
-    pub forks_in_use: u32,
-    pub running: usize,
-    pub queued: usize,
-}
-
-impl Handler<GetLoad> for TaskSupervisor {
-    type Result = Load;
-    fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> Load {
-        Load {
-            forks_in_use: self.used_forks,
-            running: self.running.len(),
-            queued: self.queue.len(),
-        }
+        self.ended(msg.id, msg.unrecorded, ctx);
     }
 }
 
@@ -391,37 +534,67 @@ pub fn timeout_err(secs: u64) -> String {
     format!("killed after running past its time limit of {secs} s")
 }
 
-/// A task an earlier server left running (or started without recording it), to adopt.
-#[derive(Debug, Clone)]
-pub struct Orphan {
-    pub spec: TaskSpec,
-    pub started_at: chrono::NaiveDateTime,
-    pub pid: i32,
-    pub start_time: i64,
-    pub stored_offset: u64,
-}
-
-/// At start: adopt what an earlier server left running, and queue its pending tasks again in
-/// their original order.
+/// At start: carry out the recovery plan (see `recovery`): record the ends it decided, adopt what
+/// an earlier server left running, and queue its pending tasks again in their original order.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Recover {
-    pub orphans: Vec<Orphan>,
-    pub pending: Vec<TaskSpec>,
-}
+pub struct Recover(pub Plan);
 
 impl Handler<Recover> for TaskSupervisor {
     type Result = ();
     fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
-        for orphan in msg.orphans {
+        let Plan {
+            adopt,
+            requeue,
+            end,
+        } = msg.0;
+        for fin in end {
+            let log = self.log.new(o!("task_id" => fin.id));
+            warn!(log, "ending a task left by an earlier run"; "status" => fin.status.code(), "err" => fin.err.clone());
+            self.owed.insert(fin.id, fin.clone());
+            let id = fin.id;
+            let sent = self.persistence.send(FinishTask(fin));
+            ctx.spawn(sent.into_actor(self).map(move |res, act, _| {
+                if let Ok(Ok(_)) = res {
+                    act.owed.remove(&id);
+                }
+            }));
+        }
+        for orphan in adopt {
             let origin = Origin::Adopt {
                 pid: orphan.pid,
                 start_time: orphan.start_time,
                 stored_offset: orphan.stored_offset,
             };
-            self.start_task(orphan.spec, orphan.started_at, origin, ctx);
+            // Sent before anything the adopted actor writes, so it lands first.
+            if let Some(mark) = &orphan.unrecorded_start {
+                self.persistence.do_send(mark.clone());
+            }
+            let started = MarkRunning {
+                task_id: orphan.spec.id,
+                nodes: orphan.spec.nodes.clone(),
+                started_at: orphan.started_at,
+                pid: orphan.pid,
+                pid_start_time: orphan.start_time,
+                instance: orphan
+                    .dir
+                    .path
+                    .parent()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                forks: orphan.spec.forks,
+            };
+            let started = orphan.unrecorded_start.clone().unwrap_or(started);
+            self.start_task(
+                orphan.spec,
+                orphan.started_at,
+                origin,
+                orphan.dir,
+                Some(started),
+                ctx,
+            );
         }
-        for spec in msg.pending {
+        for spec in requeue {
             self.slots.force_take();
             self.queue_in_order(spec);
         }
@@ -441,6 +614,7 @@ impl Handler<Close> for TaskSupervisor {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, msg: Close, _: &mut Context<Self>) -> Self::Result {
         self.closing = true;
+        self.shutting_down.store(true, Ordering::SeqCst);
         if !msg.stop_tasks {
             return Box::pin(async {});
         }

@@ -3,34 +3,51 @@
 //! stop or time limit, records the end (through Persistence) and then tells the supervisor.
 //!
 //! After a restart it can instead adopt a task whose process outlived the previous server: it
-//! rebuilds the host state from the whole events file, stores only the events not stored yet, and
+//! rebuilds the host state from the events file, stores only the events not stored yet, and
 //! watches the process through `/proc` (it is no longer our child, so there is no exit code).
 //!
-//! Its reads of the events file run under `ctx.wait`, so they never interleave with each other or
+//! Whatever the files hold, the actor's memory stays bounded: `events.jsonl` is read through an
+//! [`EventTail`] (one open descriptor, chunks of at most 256 KiB, over-long lines skipped), lines
+//! that are not events are counted in a `lines_skipped` marker event, and `output.log` is held to
+//! `max_output_bytes`. Its reads run under `ctx.wait`, so they never interleave with each other or
 //! with the end sequence: the end always sees every event the process wrote.
+//!
+//! Before its end is sent to Persistence the verdict is also written to `end.json` in the run
+//! directory, so an agent restarted before the database took it records the same end. If the
+//! actor ever stops without recording an end (a panic in its code), its [`Guard`] kills the task's
+//! process group and tells the supervisor, which releases the forks, answers the waiters and ends
+//! the task as interrupted, saying so.
+
+pub mod verdict;
 
 use std::path::PathBuf;
-use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::NaiveDateTime;
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use slog::{error, info, warn, Logger};
 
-use crate::ansible::events::{parse_line, Ending, Hosts};
+use crate::ansible::events::{parse_line, Ending, Event, Hosts};
 use crate::ansible::rundir::{self, Job, RunDir};
+use crate::ansible::tail::{self, Chunk, EventTail, Piece};
 use crate::persistence::{FinishTask, MarkRunning, Persistence, SaveProgress};
 use crate::procs;
 use crate::settings::Settings;
 use crate::status::Status;
 use crate::store::{Finish, NewEvent};
-use crate::supervisor::{timeout_err, TaskEnded, TaskSpec, TaskSupervisor};
-use crate::time;
+use crate::supervisor::{timeout_err, TaskEnded, TaskLost, TaskSpec, TaskStarted, TaskSupervisor};
+use crate::{clean, time};
+use verdict::{verdict, Exit, Verdict};
 
 /// How often the events file is read (and an adopted process checked) while the task runs.
 const POLL: Duration = Duration::from_millis(200);
+/// Longest excerpt of a skipped line kept in its marker event.
+const EXCERPT: usize = 200;
 
 /// Where the task's process comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,15 +63,56 @@ pub enum Origin {
     },
 }
 
-/// How the process ended, as far as this actor could see.
-#[derive(Debug)]
-enum Exit {
-    /// Our child exited with this status.
-    Status(ExitStatus),
-    /// An adopted process is gone; `at_start` if it was already gone when adopted.
-    Vanished { pid: i32, at_start: bool },
-    /// It never started.
-    NotStarted(String),
+/// The verdict as written to `end.json` before it is sent to the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndFile {
+    pub status: i32,
+    pub err: Option<String>,
+    pub exit_code: Option<i32>,
+}
+
+impl EndFile {
+    /// How host results close for this status.
+    pub fn ending(&self) -> Ending {
+        match self.status {
+            5 => Ending::Stopped,
+            6 => Ending::Timeout,
+            7 => Ending::Interrupted,
+            _ => Ending::Exited,
+        }
+    }
+}
+
+/// Reads a run directory's `end.json`, if it has a readable one.
+pub fn read_end_file(dir: &RunDir) -> Option<EndFile> {
+    let text = std::fs::read(dir.verdict()).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Kills the task's process group and tells the supervisor if the actor goes away without having
+/// recorded its end (its code panicked). Not when the whole server is shutting down: then the
+/// process is left to the next start, which adopts it.
+struct Guard {
+    id: i64,
+    supervisor: Addr<TaskSupervisor>,
+    pgid: Option<i32>,
+    armed: bool,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.armed || self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(pgid) = self.pgid {
+            procs::signal_group(pgid, Signal::SIGKILL);
+        }
+        self.supervisor.do_send(TaskLost {
+            id: self.id,
+            killed: self.pgid.is_some(),
+        });
+    }
 }
 
 /// The actor of one task.
@@ -65,6 +123,7 @@ pub struct TaskActor {
     admitted_at: NaiveDateTime,
     origin: Origin,
     settings: Arc<Settings>,
+    /// The agent's run-directory root (callback plugin, ansible home).
     run_root: PathBuf,
     dir: RunDir,
     persistence: Addr<Persistence>,
@@ -73,9 +132,13 @@ pub struct TaskActor {
     hosts: Hosts,
     /// Process (and group, and session) id once started.
     pgid: Option<i32>,
-    /// Bytes of events.jsonl consumed (complete lines only).
-    offset: u64,
+    /// The events file; taken while a read of it runs on the blocking pool.
+    tail: Option<EventTail>,
     seq: i32,
+    /// Lines of events.jsonl that were not events.
+    skipped: u64,
+    /// Bytes of output.log cut off past `max_output_bytes`.
+    output_cut: u64,
     /// A read of the events file is queued: no second one may start from the same offset
     /// (actix's `run_interval` calls its closure once per missed tick when the thread is busy).
     reading: bool,
@@ -83,11 +146,15 @@ pub struct TaskActor {
     saving: bool,
     /// Set once the task is being ended from outside, with the `err` to record.
     kill: Option<(Ending, String)>,
+    /// The verdict an earlier server wrote to `end.json` (adopted task).
+    recorded: Option<EndFile>,
     ending: bool,
+    guard: Guard,
 }
 
 impl TaskActor {
-    /// An actor for `spec`; when started it spawns or adopts the process as `origin` says.
+    /// An actor for `spec` in run directory `dir`; when started it spawns or adopts the process
+    /// as `origin` says.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: TaskSpec,
@@ -95,13 +162,24 @@ impl TaskActor {
         origin: Origin,
         settings: Arc<Settings>,
         run_root: PathBuf,
+        dir: RunDir,
         persistence: Addr<Persistence>,
         supervisor: Addr<TaskSupervisor>,
+        shutting_down: Arc<AtomicBool>,
         log: Logger,
     ) -> TaskActor {
         TaskActor {
-            dir: RunDir::of(&run_root, spec.id),
+            // Read from the start, also when adopted: the host state is rebuilt from every line.
+            tail: Some(EventTail::new(dir.events(), 0)),
+            dir,
             hosts: Hosts::new(&spec.nodes),
+            guard: Guard {
+                id: spec.id,
+                supervisor: supervisor.clone(),
+                pgid: None,
+                armed: true,
+                shutting_down,
+            },
             spec,
             admitted_at,
             origin,
@@ -111,13 +189,20 @@ impl TaskActor {
             supervisor,
             log,
             pgid: None,
-            offset: 0,
             seq: 0,
+            skipped: 0,
+            output_cut: 0,
             reading: false,
             saving: false,
             kill: None,
+            recorded: None,
             ending: false,
         }
+    }
+
+    fn set_pgid(&mut self, pgid: Option<i32>) {
+        self.pgid = pgid;
+        self.guard.pgid = pgid;
     }
 
     /// Sends SIGTERM to the whole process group now and SIGKILL after the grace period.
@@ -147,87 +232,182 @@ impl TaskActor {
         self.terminate(ctx);
     }
 
-    /// Reads new complete lines of events.jsonl, blocking the actor's other work meanwhile.
+    /// Reads the next chunk of events.jsonl (and holds output.log to its limit) on the blocking
+    /// pool, blocking the actor's other work meanwhile.
     fn read_events(&mut self, ctx: &mut Context<Self>) {
         if self.reading {
             return;
         }
+        let Some(tail) = self.tail.take() else {
+            return;
+        };
         self.reading = true;
-        let path = self.dir.events();
-        let offset = self.offset;
-        let read = async move { read_from(path, offset).await };
-        ctx.wait(read.into_actor(self).map(|chunk, act, ctx| {
+        let output = self.dir.output();
+        let limit = self.settings.max_output_bytes;
+        let read = async move {
+            tokio::task::spawn_blocking(move || {
+                let mut tail = tail;
+                let chunk = tail.read(false);
+                let cut = rundir::bound_output(&output, limit);
+                (tail, chunk, cut)
+            })
+            .await
+        };
+        ctx.wait(read.into_actor(self).map(|joined, act, ctx| {
             act.reading = false;
+            let Ok((tail, chunk, cut)) = joined else {
+                error!(act.log, "the events reader stopped unexpectedly");
+                return;
+            };
+            act.tail = Some(tail);
+            act.note_output_cut(cut);
             match chunk {
-                Ok(bytes) => act.consume(&bytes, ctx),
+                Ok(chunk) => {
+                    let more = chunk.more;
+                    if let Some(save) = act.consume(chunk) {
+                        act.saving = true;
+                        ctx.spawn(save.into_actor(act).map(move |_, act, ctx| {
+                            act.saving = false;
+                            // A full chunk: more is waiting; read it now rather than next tick.
+                            if more && !act.ending {
+                                act.read_events(ctx);
+                            }
+                        }));
+                    }
+                }
                 Err(e) => warn!(act.log, "cannot read events file"; "error" => %e),
             }
         }));
     }
 
-    /// Applies complete lines to the host state and sends what is new to Persistence.
-    fn consume(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
-        let Some(last_nl) = bytes.iter().rposition(|&b| b == b'\n') else {
-            return;
-        };
+    fn note_output_cut(&mut self, cut: std::io::Result<u64>) {
+        match cut {
+            Ok(0) => {}
+            Ok(n) => {
+                if self.output_cut == 0 {
+                    warn!(self.log, "output.log reached max_output_bytes; cutting what passes it";
+                          "max_output_bytes" => self.settings.max_output_bytes);
+                }
+                self.output_cut += n;
+            }
+            Err(e) => warn!(self.log, "cannot check the size of output.log"; "error" => %e),
+        }
+    }
+
+    /// Applies the pieces read to the host state; the write that stores what is new, if any.
+    ///
+    /// Every line gets one sequence number, an event or a `line_skipped` marker for a line that is
+    /// not one, so an adopting server numbers the file exactly as the server before it did.
+    fn consume(&mut self, chunk: Chunk) -> Option<Request<Persistence, SaveProgress>> {
+        fail::fail_point!(
+            "task-consume",
+            self.spec.name.starts_with("failpoint-panic"),
+            |_| None
+        );
+        // Lines up to the stored offset were stored by an earlier server (adopted task).
         let stored = match self.origin {
             Origin::Adopt { stored_offset, .. } => stored_offset,
             Origin::Spawn => 0,
         };
         let mut events = Vec::new();
-        for line in bytes[..=last_nl].split_inclusive(|&b| b == b'\n') {
-            self.offset += line.len() as u64;
-            let text = String::from_utf8_lossy(line);
-            if text.trim().is_empty() {
-                continue;
-            }
-            let Some(ev) = parse_line(text.trim_end(), self.settings.max_event_bytes) else {
-                warn!(
-                    self.log,
-                    "ignoring a line of events.jsonl that is not an event"
-                );
-                continue;
-            };
-            self.hosts.apply(&ev);
-            self.seq += 1;
-            let limit = self.settings.max_events_per_task;
-            // Events up to the stored offset are already in the database (adopted task).
-            if self.offset > stored && self.seq == limit + 1 {
-                events.push(NewEvent {
-                    task_id: self.spec.id,
-                    seq: self.seq,
-                    host: None,
-                    kind: "events_truncated".into(),
-                    task_name: None,
-                    payload: format!(
-                        "{{\"event\":\"events_truncated\",\"stored\":{limit},\"note\":\"later events are not stored; host results still count them; all are in events.jsonl\"}}"
+        let mut offset = 0;
+        for (end, piece) in chunk.pieces {
+            offset = end;
+            let (event, skipped) = match piece {
+                Piece::Line(bytes) | Piece::Cut(bytes) => match self.decode(&bytes) {
+                    Ok(ev) => (Some(ev), None),
+                    Err(excerpt) => (
+                        None,
+                        Some(json!({"bytes": bytes.len(), "excerpt": excerpt})),
                     ),
-                    created_at: ev.time,
-                });
-            } else if self.offset > stored && self.seq <= limit {
-                events.push(NewEvent {
-                    task_id: self.spec.id,
-                    seq: self.seq,
-                    host: ev.host,
-                    kind: ev.kind,
-                    task_name: ev.task,
-                    payload: ev.payload,
-                    created_at: ev.time,
-                });
+                },
+                Piece::TooLong(len) => (
+                    None,
+                    Some(json!({"bytes": len, "excerpt": null,
+                    "why": format!("longer than {} bytes", tail::MAX_LINE)})),
+                ),
+                Piece::Truncated(len) => (
+                    None,
+                    Some(json!({"bytes": 0, "excerpt": null,
+                    "why": format!("events.jsonl was truncated to {len} bytes while the task ran")})),
+                ),
+            };
+            let keep = end > stored;
+            if let Some(ev) = event {
+                self.hosts.apply(&ev);
+                self.seq += 1;
+                if keep {
+                    self.push(ev.host, ev.kind, ev.task, ev.payload, ev.time, &mut events);
+                }
+            } else if let Some(mut detail) = skipped {
+                self.seq += 1;
+                self.skipped += 1;
+                if self.skipped == 1 {
+                    warn!(self.log, "events.jsonl holds lines that are not events; each is stored as a line_skipped marker");
+                }
+                detail["event"] = json!("line_skipped");
+                if keep {
+                    self.push(
+                        None,
+                        "line_skipped".into(),
+                        None,
+                        detail.to_string(),
+                        time::now(),
+                        &mut events,
+                    );
+                }
             }
         }
         let hosts = self.hosts.take_changed();
         if events.is_empty() && hosts.is_empty() {
-            return;
+            return None;
         }
-        self.saving = true;
-        let save = self.persistence.send(SaveProgress {
+        Some(self.persistence.send(SaveProgress {
             task_id: self.spec.id,
             events,
-            offset: self.offset as i64,
+            offset: offset.max(stored) as i64,
             hosts,
-        });
-        ctx.spawn(save.into_actor(self).map(|_, act, _| act.saving = false));
+        }))
+    }
+
+    /// One line as an event; an excerpt of it if it is not one.
+    fn decode(&self, bytes: &[u8]) -> Result<Event, String> {
+        let text = clean::bytes(bytes);
+        let line = text.trim();
+        let max = self.settings.max_event_bytes;
+        parse_line(line, max)
+            .or_else(|| clean::repair_json_escapes(line).and_then(|fixed| parse_line(&fixed, max)))
+            .ok_or_else(|| line.chars().take(EXCERPT).collect())
+    }
+
+    /// Keeps an event (already numbered) for storing, within `max_events_per_task`; the first
+    /// one past the limit is replaced by an `events_truncated` marker.
+    fn push(
+        &self,
+        host: Option<String>,
+        kind: String,
+        task_name: Option<String>,
+        payload: String,
+        created_at: NaiveDateTime,
+        out: &mut Vec<NewEvent>,
+    ) {
+        let limit = self.settings.max_events_per_task;
+        let event = |host, kind, task_name, payload| NewEvent {
+            task_id: self.spec.id,
+            seq: self.seq,
+            host,
+            kind,
+            task_name,
+            payload,
+            created_at,
+        };
+        if self.seq == limit + 1 {
+            out.push(event(None, "events_truncated".into(), None, format!(
+                "{{\"event\":\"events_truncated\",\"stored\":{limit},\"note\":\"later events are not stored; host results still count them; all are in events.jsonl\"}}"
+            )));
+        } else if self.seq <= limit {
+            out.push(event(host, kind, task_name, payload));
+        }
     }
 
     /// The process is gone (or never started): read the rest, clear leftovers, record the end.
@@ -236,138 +416,163 @@ impl TaskActor {
             return;
         }
         self.ending = true;
-        // One future for the whole sequence: actix polls `ctx.wait` futures last-in first-out, so
-        // separate waits for "read the rest" and "sweep" would run in the wrong order.
-        let events = self.dir.events();
-        let offset = self.offset;
+        self.drain(exit, ctx);
+    }
+
+    /// Reads what is left of the events file chunk by chunk, each stored before the next is read
+    /// (so the end costs no more memory than a poll), then finishes.
+    fn drain(&mut self, exit: Exit, ctx: &mut Context<Self>) {
+        let Some(tail) = self.tail.take() else {
+            self.finish(exit, ctx);
+            return;
+        };
+        let read = async move {
+            tokio::task::spawn_blocking(move || {
+                let mut tail = tail;
+                let chunk = tail.read(true);
+                (tail, chunk)
+            })
+            .await
+        };
+        ctx.wait(read.into_actor(self).map(move |joined, act, ctx| {
+            let Ok((tail, chunk)) = joined else {
+                act.finish(exit, ctx);
+                return;
+            };
+            act.tail = Some(tail);
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    warn!(act.log, "cannot read events file"; "error" => %e);
+                    act.finish(exit, ctx);
+                    return;
+                }
+            };
+            let more = chunk.more;
+            match act.consume(chunk) {
+                Some(save) => ctx.wait(save.into_actor(act).map(move |_, act, ctx| {
+                    if more {
+                        act.drain(exit, ctx);
+                    } else {
+                        act.finish(exit, ctx);
+                    }
+                })),
+                None if more => act.drain(exit, ctx),
+                None => act.finish(exit, ctx),
+            }
+        }));
+    }
+
+    /// Sweeps what the task left, finds ansible's error line, closes output.log, records the end.
+    fn finish(&mut self, exit: Exit, ctx: &mut Context<Self>) {
         let mark = self.dir.mark();
         let output = self.dir.output();
+        let verdict_path = self.dir.verdict();
         // Only the group of our own child (already waited for) may be reaped here.
-        let group = if matches!(exit, Exit::Status(_)) {
+        let group = if matches!(exit, Exit::Exited { .. }) {
             self.pgid
         } else {
             None
         };
+        let limit = self.settings.max_output_bytes;
+        let cut_before = self.output_cut;
+        let adopted = matches!(self.origin, Origin::Adopt { .. });
         let rest = async move {
-            let bytes = read_from(events, offset).await;
-            let swept = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 let killed = procs::kill_marked(&mark, group);
-                let text = std::fs::read_to_string(output).unwrap_or_default();
-                (killed, rundir::error_line(&text))
+                let cut = rundir::bound_output(&output, limit).unwrap_or(0);
+                if cut_before + cut > 0 {
+                    rundir::note_output_cut(&output, limit, cut_before + cut);
+                }
+                let why = rundir::error_line(&output);
+                let recorded = if adopted {
+                    std::fs::read(&verdict_path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<EndFile>(&b).ok())
+                } else {
+                    None
+                };
+                (killed, cut, why, recorded)
             })
             .await
-            .unwrap_or((0, None));
-            (bytes, swept)
         };
-        ctx.wait(
-            rest.into_actor(self)
-                .map(move |(bytes, (killed, why)), act, ctx| {
-                    match bytes {
-                        Ok(bytes) => act.consume(&bytes, ctx),
-                        Err(e) => warn!(act.log, "cannot read events file"; "error" => %e),
-                    }
-                    if killed > 0 {
-                        info!(act.log, "killed processes left by the task"; "count" => killed);
-                    }
-                    act.pgid = None;
-                    act.record_end(exit, why, ctx);
-                }),
-        );
-    }
-
-    fn record_end(&mut self, exit: Exit, why: Option<String>, ctx: &mut Context<Self>) {
-        let (status, err, ending) = match (&self.kill, &exit) {
-            (Some((Ending::Stopped, err)), _) => {
-                (Status::Stopped, Some(err.clone()), Ending::Stopped)
+        ctx.wait(rest.into_actor(self).map(move |joined, act, ctx| {
+            let (killed, cut, why, recorded) = joined.unwrap_or((0, 0, None, None));
+            if killed > 0 {
+                info!(act.log, "killed processes left by the task"; "count" => killed);
             }
-            (Some((ending, err)), _) => (Status::Timeout, Some(err.clone()), *ending),
-            (None, Exit::NotStarted(reason)) => {
-                (Status::Failed, Some(reason.clone()), Ending::Exited)
-            }
-            (None, Exit::Status(st)) => {
-                let (status, err) = self.judge(st.success(), st.code(), exit_signal(st), why);
-                (status, err, Ending::Exited)
-            }
-            (None, Exit::Vanished { pid, at_start }) => {
-                if self.hosts.has_final_stats() {
-                    // It finished while no server watched: its stats say how.
-                    let ok = self.hosts.failures().is_empty();
-                    let (status, err) = self.judge(ok, None, None, why);
-                    (status, err, Ending::Exited)
-                } else if *at_start {
-                    let err =
-                        format!("ansible-playbook (pid {pid}) was gone when downlink restarted");
-                    (Status::Interrupted, Some(err), Ending::Interrupted)
-                } else {
-                    let detail = why.map(|w| format!(": {w}")).unwrap_or_default();
-                    let err = format!(
-                        "ansible-playbook (pid {pid}) ended without its final stats{detail}"
-                    );
-                    (Status::Failed, Some(err), Ending::Exited)
-                }
-            }
-        };
-        let exit_code = match &exit {
-            Exit::Status(st) => st.code(),
-            _ => None,
-        };
-        let fin = Finish {
-            id: self.spec.id,
-            status,
-            err,
-            exit_code,
-            ended_at: time::now(),
-            hosts: self.hosts.finish(ending),
-        };
-        let fut = self.persistence.send(FinishTask(fin));
-        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
-            match res {
-                Ok(Ok(_)) => info!(act.log, "task ended"; "status" => status.code()),
-                Ok(Err(e)) => error!(act.log, "cannot record the end of the task"; "error" => %e),
-                Err(e) => error!(act.log, "persistence is gone"; "error" => %e),
-            }
-            act.supervisor.do_send(TaskEnded(act.spec.id));
-            ctx.stop();
+            act.output_cut += cut;
+            act.set_pgid(None);
+            act.recorded = recorded;
+            act.record_end(exit, why, ctx);
         }));
     }
 
-    /// Status and `err` of a process that ended by itself.
-    fn judge(
-        &self,
-        success: bool,
-        code: Option<i32>,
-        signal: Option<i32>,
-        why: Option<String>,
-    ) -> (Status, Option<String>) {
-        if success {
-            return (Status::Success, None);
-        }
-        let failures = self.hosts.failures();
-        if !failures.is_empty() {
-            let detail: Vec<String> = failures
-                .iter()
-                .map(|(host, kind, msg)| match msg {
-                    Some(m) => format!("{host} {kind} ({})", one_line(m, 200)),
-                    None => format!("{host} {kind}"),
-                })
-                .collect();
-            let err = format!(
-                "{} of {} hosts failed: {}",
-                failures.len(),
-                self.hosts.len(),
-                detail.join("; ")
-            );
-            return (Status::Failed, Some(err));
-        }
-        let err = match (code, signal, why) {
-            (Some(code), _, Some(why)) => {
-                format!("ansible-playbook exited with code {code}: {why}")
-            }
-            (Some(code), _, None) => format!("ansible-playbook exited with code {code}"),
-            (None, Some(sig), _) => format!("ansible-playbook was killed by signal {sig}"),
-            (None, None, why) => why.unwrap_or_else(|| "ansible-playbook failed".into()),
+    fn record_end(&mut self, exit: Exit, why: Option<String>, ctx: &mut Context<Self>) {
+        let exit_code = match &exit {
+            Exit::Exited { code, .. } => *code,
+            _ => None,
         };
-        (Status::Failed, Some(err))
+        let (v, exit_code) = match self.recorded.take() {
+            // An earlier server decided this end before the database took it.
+            Some(file) => (
+                Verdict {
+                    status: Status::from_code(file.status).unwrap_or(Status::Failed),
+                    ending: file.ending(),
+                    err: file.err,
+                },
+                file.exit_code,
+            ),
+            None => (
+                verdict(self.kill.as_ref(), &exit, &self.hosts, why),
+                exit_code,
+            ),
+        };
+        let fin = Finish {
+            id: self.spec.id,
+            status: v.status,
+            err: v.err,
+            exit_code,
+            ended_at: time::now(),
+            hosts: self.hosts.finish(v.ending),
+        };
+        let file = EndFile {
+            status: fin.status.code(),
+            err: fin.err.clone(),
+            exit_code,
+        };
+        let path = self.dir.verdict();
+        let persistence = self.persistence.clone();
+        let status = fin.status;
+        let write = async move {
+            if let Ok(json) = serde_json::to_vec(&file) {
+                let _ = tokio::fs::write(&path, json).await;
+            }
+            let sent = persistence.send(FinishTask(fin.clone())).await;
+            (fin, sent)
+        };
+        ctx.wait(write.into_actor(self).map(move |(fin, sent), act, ctx| {
+            let unrecorded = match sent {
+                Ok(Ok(_)) => {
+                    info!(act.log, "task ended"; "status" => status.code());
+                    None
+                }
+                Ok(Err(e)) => {
+                    error!(act.log, "cannot record the end of the task now; it is kept and written when the database answers"; "error" => %e);
+                    Some(fin)
+                }
+                Err(e) => {
+                    error!(act.log, "persistence is gone"; "error" => %e);
+                    Some(fin)
+                }
+            };
+            act.guard.armed = false;
+            act.supervisor.do_send(TaskEnded {
+                id: act.spec.id,
+                unrecorded,
+            });
+            ctx.stop();
+        }));
     }
 
     fn spawn_process(&mut self, ctx: &mut Context<Self>) {
@@ -420,20 +625,32 @@ impl TaskActor {
             );
             return;
         };
-        self.pgid = Some(pid);
+        self.set_pgid(Some(pid));
         let started = procs::start_time(pid).unwrap_or(0);
         info!(self.log, "ansible-playbook started"; "pid" => pid, "forks" => self.spec.forks);
-        self.persistence.do_send(MarkRunning {
+        let mark = MarkRunning {
             task_id: self.spec.id,
             nodes: self.spec.nodes.clone(),
             started_at: self.admitted_at,
             pid,
             pid_start_time: started,
             instance: self.run_root.to_string_lossy().into_owned(),
-        });
+            forks: self.spec.forks,
+        };
+        self.supervisor.do_send(TaskStarted(mark.clone()));
+        self.persistence.do_send(mark);
         let wait = async move { child.wait().await };
         ctx.spawn(wait.into_actor(self).map(|status, act, ctx| match status {
-            Ok(st) => act.end(Exit::Status(st), ctx),
+            Ok(st) => {
+                use std::os::unix::process::ExitStatusExt;
+                act.end(
+                    Exit::Exited {
+                        code: st.code(),
+                        signal: st.signal(),
+                    },
+                    ctx,
+                )
+            }
             Err(e) => act.end(
                 Exit::NotStarted(format!("cannot wait for ansible-playbook: {e}")),
                 ctx,
@@ -485,29 +702,6 @@ impl TaskActor {
     }
 }
 
-fn exit_signal(st: &ExitStatus) -> Option<i32> {
-    use std::os::unix::process::ExitStatusExt;
-    st.signal()
-}
-
-fn one_line(s: &str, max: usize) -> String {
-    s.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(max)
-        .collect()
-}
-
-async fn read_from(path: PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = tokio::fs::File::open(path).await?;
-    file.seek(std::io::SeekFrom::Start(offset)).await?;
-    let mut buf = Vec::new();
-    file.read_to_end(&mut buf).await?;
-    Ok(buf)
-}
-
 impl Actor for TaskActor {
     type Context = Context<Self>;
 
@@ -519,8 +713,7 @@ impl Actor for TaskActor {
             } => {
                 if procs::is_alive(pid, start_time) {
                     info!(self.log, "re-adopted a running task"; "pid" => pid);
-                    self.pgid = Some(pid);
-                    // The whole file, to rebuild the host state; only new events are stored.
+                    self.set_pgid(Some(pid));
                     self.read_events(ctx);
                     self.follow(ctx);
                 } else {

@@ -156,7 +156,7 @@ fn readyz_and_run_follow_postgres_down_and_up() {
         ready(&server),
         (
             200,
-            json!({"code": 0, "content": {"database": "ok", "migrations": "ok", "ansible": "ok"}})
+            json!({"code": 0, "content": {"database": "ok", "migrations": "ok", "ansible": "ok", "db_writes_repaired": 0}})
                 .to_string()
         )
     );

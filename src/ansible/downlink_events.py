@@ -21,8 +21,20 @@ DOCUMENTATION = """
       - enabled through ANSIBLE_CALLBACKS_ENABLED
 """
 
-# Results are cut to this many characters of JSON before they are written.
+# Results are cut to this many characters of JSON before they are written; names and messages
+# to MAX_FIELD, so no line of the file grows with what a node prints.
 MAX_RESULT = 16384
+MAX_FIELD = 4096
+TRUNCATED = "...[truncated by downlink]"
+
+
+def _bounded(value, limit=MAX_FIELD):
+    if value is None:
+        return None
+    value = str(value)
+    if len(value) > limit:
+        return value[:limit] + TRUNCATED
+    return value
 
 
 def _now():
@@ -50,16 +62,38 @@ class CallbackModule(CallbackBase):
         super().__init__(*args, **kwargs)
         path = os.environ.get("DOWNLINK_EVENTS_FILE")
         self._out = open(path, "a", encoding="utf-8") if path else None
+        # Past this size only the final stats are written; the rest is counted (one marker).
+        try:
+            self._max_bytes = int(os.environ.get("DOWNLINK_EVENTS_MAX_BYTES", "0"))
+        except ValueError:
+            self._max_bytes = 0
+        self._written = self._out.tell() if self._out else 0
+        self._dropped = 0
+        self._dropped_bytes = 0
 
     def _emit(self, event, **fields):
         if self._out is None:
             return
         fields["event"] = event
         fields["time"] = _now()
+        # ensure_ascii: the file stays ASCII whatever a node printed (an undecodable byte becomes a
+        # \udcXX escape, which downlink repairs; it never fails to encode here).
+        line = json.dumps(fields, default=str, sort_keys=True) + "\n"
+        if self._max_bytes and self._written + len(line) > self._max_bytes and event != "stats":
+            self._dropped += 1
+            self._dropped_bytes += len(line)
+            return
+        if event == "stats" and self._dropped:
+            marker = json.dumps({
+                "event": "events_file_limit", "time": fields["time"], "dropped": self._dropped,
+                "dropped_bytes": self._dropped_bytes, "max_bytes": self._max_bytes,
+            }, sort_keys=True) + "\n"
+            line = marker + line
         # One write per line, flushed at once: a reader never sees half an event for long, and
         # nothing is lost if the server (not this process) dies.
-        self._out.write(json.dumps(fields, default=str, sort_keys=True) + "\n")
+        self._out.write(line)
         self._out.flush()
+        self._written += len(line)
 
     def _runner(self, event, result, **extra):
         res = result._result if isinstance(result._result, dict) else {}
@@ -68,10 +102,10 @@ class CallbackModule(CallbackBase):
             body = body[:MAX_RESULT] + "...[truncated by downlink]"
         self._emit(
             event,
-            host=result._host.get_name(),
-            task=result._task.get_name(),
+            host=_bounded(result._host.get_name()),
+            task=_bounded(result._task.get_name()),
             changed=bool(res.get("changed", False)),
-            msg=_message(res) if event in ("runner_failed", "runner_unreachable") else None,
+            msg=_bounded(_message(res)) if event in ("runner_failed", "runner_unreachable") else None,
             result=body,
             **extra,
         )
@@ -80,13 +114,13 @@ class CallbackModule(CallbackBase):
         self._emit("playbook_start", playbook=os.path.basename(playbook._file_name))
 
     def v2_playbook_on_play_start(self, play):
-        self._emit("play_start", play=play.get_name())
+        self._emit("play_start", play=_bounded(play.get_name()))
 
     def v2_playbook_on_task_start(self, task, is_conditional):
-        self._emit("task_start", task=task.get_name())
+        self._emit("task_start", task=_bounded(task.get_name()))
 
     def v2_playbook_on_handler_task_start(self, task):
-        self._emit("task_start", task=task.get_name(), handler=True)
+        self._emit("task_start", task=_bounded(task.get_name()), handler=True)
 
     def v2_runner_on_ok(self, result):
         self._runner("runner_ok", result)

@@ -1,15 +1,17 @@
 //! A task's run directory and the `ansible-playbook` command that runs in it.
 //!
 //! ```text
-//! <run_dir>/.plugins/downlink_events.py   the callback plugin (written at start)
-//! <run_dir>/.ansible/                     ANSIBLE_HOME shared by all tasks
-//! <run_dir>/<task id>/inventory.yml       exactly the task's nodes, connection variables
+//! <root> = <run_dir>/<agent_name>: the agent's own run-directory root
+//! <root>/.plugins/downlink_events.py   the callback plugin (written at start)
+//! <root>/.ansible/                     ANSIBLE_HOME shared by all tasks
+//! <root>/<task id>/inventory.yml       exactly the task's nodes, connection variables
 //!                     playbook.yml        the playbook, or a play importing tasks.yml
 //!                     tasks.yml           a task list, verbatim
 //!                     extra_vars.json     params as a JSON object
 //!                     ansible.cfg         downlink's ansible defaults (see ANSIBLE_CFG)
 //!                     events.jsonl        written by the callback plugin
 //!                     output.log          ansible's own output (stdout and stderr)
+//!                     end.json            the verdict, written just before it is sent to the database
 //!                     cp/ tmp/            SSH control sockets and ansible's local temp files
 //! ```
 
@@ -49,6 +51,11 @@ impl RunDir {
     /// ansible's own output.
     pub fn output(&self) -> PathBuf {
         self.path.join("output.log")
+    }
+
+    /// The verdict file (see `task::EndFile`).
+    pub fn verdict(&self) -> PathBuf {
+        self.path.join("end.json")
     }
 
     /// The value of the task's process marker.
@@ -251,6 +258,10 @@ pub fn command(
         .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
         .env("ANSIBLE_NOCOLOR", "1")
         .env("DOWNLINK_EVENTS_FILE", path(dir.events()))
+        .env(
+            "DOWNLINK_EVENTS_MAX_BYTES",
+            settings.max_events_file_bytes.to_string(),
+        )
         .env(TASK_MARK_VAR, dir.mark());
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -259,12 +270,55 @@ pub fn command(
     Ok(cmd)
 }
 
-/// The first line of ansible's output that says what went wrong, for `err`.
-pub fn error_line(output: &str) -> Option<String> {
+/// Bytes of the end of `output.log` searched for ansible's error line.
+const ERROR_TAIL: u64 = 64 * 1024;
+
+/// The first line that says what went wrong in the last 64 KiB of ansible's output, for `err`:
+/// read from the tail, so a huge output costs no more than a small one.
+pub fn error_line(output: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = fs::File::open(output).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(ERROR_TAIL)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.take(ERROR_TAIL).read_to_end(&mut tail).ok()?;
+    error_line_in(&crate::clean::bytes(&tail))
+}
+
+fn error_line_in(output: &str) -> Option<String> {
     output
         .lines()
         .find(|l| l.starts_with("ERROR!") || l.starts_with("[ERROR]"))
         .map(|l| l.chars().take(500).collect())
+}
+
+/// Cuts `output.log` back to `limit` bytes if it grew past it; the bytes cut.
+///
+/// ansible writes it through its own descriptor (O_APPEND), so the file cannot be capped from
+/// the writing side; cutting it at every poll keeps it within `limit` plus what one poll interval
+/// of output adds. The head is kept: it says what ran.
+pub fn bound_output(output: &Path, limit: u64) -> io::Result<u64> {
+    let len = fs::metadata(output)?.len();
+    if len <= limit {
+        return Ok(0);
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .open(output)?
+        .set_len(limit)?;
+    Ok(len - limit)
+}
+
+/// Appends the line that says how much of `output.log` was cut.
+pub fn note_output_cut(output: &Path, limit: u64, cut: u64) {
+    use std::io::Write;
+    if let Ok(mut f) = fs::OpenOptions::new().append(true).open(output) {
+        let _ = writeln!(
+            f,
+            "\n[downlink] output.log reached max_output_bytes ({limit} bytes): {cut} more bytes of ansible's output were not kept"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -287,11 +341,31 @@ mod tests {
     }
 
     #[test]
-    fn finds_ansible_error_lines() {
+    fn finds_ansible_error_lines_in_the_tail() {
         assert_eq!(
-            error_line("x\n[ERROR]: the playbook could not be found\nmore"),
+            error_line_in("x\n[ERROR]: the playbook could not be found\nmore"),
             Some("[ERROR]: the playbook could not be found".into())
         );
-        assert_eq!(error_line("all good"), None);
+        assert_eq!(error_line_in("all good"), None);
+        let dir = std::env::temp_dir().join(format!("dl-rundir-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("output.log");
+        let mut text = vec![b'.'; 200_000];
+        text.extend_from_slice(b"\n\xff\0[ERROR]: no\n[ERROR]: bad \xff thing\n");
+        fs::write(&out, &text).unwrap();
+        assert_eq!(error_line(&out), Some("[ERROR]: bad \u{FFFD} thing".into()));
+    }
+
+    #[test]
+    fn output_is_cut_back_to_its_limit() {
+        let dir = std::env::temp_dir().join(format!("dl-rundir-cut-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("output.log");
+        fs::write(&out, vec![b'a'; 10_000]).unwrap();
+        assert_eq!(bound_output(&out, 4096).unwrap(), 10_000 - 4096);
+        assert_eq!(bound_output(&out, 4096).unwrap(), 0);
+        note_output_cut(&out, 4096, 5904);
+        let text = fs::read_to_string(&out).unwrap();
+        assert!(text.ends_with("5904 more bytes of ansible's output were not kept\n"));
     }
 }

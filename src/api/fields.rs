@@ -116,6 +116,11 @@ impl RunRequest {
                 format!("larger than {} bytes", settings.max_playbook_bytes),
             ));
         }
+        if content.contains('\0') {
+            // No database stores it in text, and no YAML parser needs it: a literal NUL in a
+            // playbook is a mistake (YAML's own "\0" escape is fine; it is text until ansible runs).
+            return Err(ApiError::param(key, "holds a NUL character"));
+        }
         playbook::classify(content).map_err(|why| ApiError::param(key, why))?;
         let params =
             params::parse(get(map, "params")?).map_err(|why| ApiError::param("params", why))?;

@@ -38,6 +38,7 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
             .supervisor
             .send(EndTask {
                 id,
+                name: None,
                 reason: EndReason::Timeout,
             })
             .await

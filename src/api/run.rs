@@ -52,6 +52,7 @@ pub async fn submit(
         source: caller.source.clone(),
         created_at: now,
         updated_at: now,
+        agent: state.settings.agent_name.clone(),
     };
     let inserted = state
         .persistence

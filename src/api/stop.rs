@@ -1,6 +1,11 @@
 //! `/api/stop`: a pending task leaves the queue; a running one gets SIGTERM, then SIGKILL after the
 //! grace period. The answer comes once the task is recorded as ended. Stopping a finished task is
 //! not an error and changes nothing.
+//!
+//! While the database is away the stop still lands: the supervisor knows its own queued and
+//! running tasks by id and name. The task is ended at once (a pending one never runs), and the
+//! answer says `database unavailable, retry later` until the end is recorded, which the
+//! reconciler does as soon as the database answers.
 
 use std::time::Duration;
 
@@ -24,14 +29,22 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let (id, name) = id_and_name(&body)?;
     let deadline = tokio::time::Instant::now() + SETTLE;
     loop {
-        let (task, _) = find(&state, &log, id, name.clone()).await?;
-        if Status::from_code(task.status).is_none_or(Status::is_terminal) {
-            return Ok(success(json!({})));
-        }
+        let checked = match find(&state, &log, id, name.clone()).await {
+            Ok((task, _)) => {
+                if Status::from_code(task.status).is_none_or(Status::is_terminal) {
+                    return Ok(success(json!({})));
+                }
+                None
+            }
+            Err(ApiError::DbUnavailable) => Some(name.clone()),
+            Err(e) => return Err(e),
+        };
+        let unchecked = checked.is_some();
         let outcome = state
             .supervisor
             .send(EndTask {
                 id,
+                name: checked,
                 reason: EndReason::Stop,
             })
             .await
@@ -42,6 +55,8 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
                 return Ok(success(json!({})));
             }
             EndOutcome::Failed(_) => return Err(ApiError::DbUnavailable),
+            // Not known here, and the database cannot say whether it exists.
+            EndOutcome::NotLive if unchecked => return Err(ApiError::DbUnavailable),
             EndOutcome::NotLive if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -61,6 +61,19 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// The agent name of test servers (their run directories are `<run_dir>/test-agent/<id>`).
+pub const TEST_AGENT: &str = "test-agent";
+
+/// The run directory of task `id` of a server with these settings.
+pub fn task_dir(settings: &Settings, id: i64) -> PathBuf {
+    settings
+        .run_dir
+        .canonicalize()
+        .expect("run dir exists")
+        .join(&settings.agent_name)
+        .join(id.to_string())
+}
+
 /// Settings that reach the test hosts with the real ansible-playbook.
 pub fn test_settings(dir: &Path) -> Settings {
     let mut s = Settings::defaults();
@@ -72,6 +85,7 @@ pub fn test_settings(dir: &Path) -> Settings {
     s.ssh_common_args = "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no".into();
     s.ansible_python_interpreter = "/usr/bin/python3".into();
     s.run_dir = dir.join("runs");
+    s.agent_name = TEST_AGENT.into();
     s.stop_grace_secs = 5;
     s.workers = 2;
     s.log_level = "warning".into();
@@ -271,6 +285,11 @@ impl TestServer {
         }
     }
 
+    /// The URL of the server's database.
+    pub fn db_url(&self) -> &str {
+        &self._db.url
+    }
+
     /// POST with the two contract headers; (HTTP status, body).
     pub fn post(&self, path: &str, body: &str) -> (u16, String) {
         self.post_with(
@@ -303,11 +322,32 @@ impl TestServer {
 
     /// The run directory of a task.
     pub fn run_dir(&self, id: i64) -> PathBuf {
-        self.settings
-            .run_dir
-            .canonicalize()
-            .expect("run dir exists")
-            .join(id.to_string())
+        task_dir(&self.settings, id)
+    }
+
+    /// Asserts that the stored per-host counters of a task equal ansible's own PLAY RECAP in its
+    /// output.log, host by host.
+    pub fn assert_hosts_match_recap(&self, id: i64) {
+        let output = std::fs::read_to_string(self.run_dir(id).join("output.log")).unwrap();
+        let recap = play_recap(&output);
+        let hosts = self.hosts(id);
+        assert_eq!(recap.len(), hosts.len(), "task {id}: {output}");
+        for h in hosts {
+            let (_, c) = recap
+                .iter()
+                .find(|(host, _)| *host == h.host)
+                .unwrap_or_else(|| panic!("{} not in PLAY RECAP", h.host));
+            let stored = [
+                h.ok,
+                h.changed,
+                h.unreachable,
+                h.failed,
+                h.skipped,
+                h.rescued,
+                h.ignored,
+            ];
+            assert_eq!(stored, *c, "task {id} host {}", h.host);
+        }
     }
 
     /// Stops the server (its tasks' processes are not touched).
@@ -338,6 +378,7 @@ pub struct BinServer {
 pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
     let mut env = vec![
         ("DOWNLINK_DATABASE_URL", s.database_url.clone()),
+        ("DOWNLINK_AGENT_NAME", s.agent_name.clone()),
         ("DOWNLINK_ANSIBLE_PLAYBOOK", s.ansible_playbook.clone()),
         ("DOWNLINK_SSH_PRIVATE_KEY", s.ssh_private_key.clone()),
         ("DOWNLINK_SSH_PORT", s.ssh_port.to_string()),

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::harness::{run_body, Backend, TestServer, HOSTS};
+use crate::harness::{run_body, task_dir, Backend, TestServer, HOSTS};
 
 fn failure(message: &str) -> String {
     json!({"code": -1, "message": message}).to_string()
@@ -147,7 +147,7 @@ fn params_stay_out_of_logs_and_no_log_results_stay_censored() {
     assert!(!log.contains("hunter2"), "a param reached the log");
     // The extra vars file is the owner's only.
     use std::os::unix::fs::PermissionsExt;
-    let run_dir = settings.run_dir.canonicalize().unwrap().join("1");
+    let run_dir = task_dir(&settings, 1);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&run_dir), 0o700);
     assert_eq!(mode(&run_dir.join("extra_vars.json")), 0o600);

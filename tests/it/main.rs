@@ -8,5 +8,7 @@ mod contract;
 mod execution;
 mod fuzz;
 pub mod harness;
+mod hostile;
 mod limits;
 mod recovery;
+mod writer;

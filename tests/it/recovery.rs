@@ -8,8 +8,8 @@ use serde_json::json;
 
 use crate::both_backends;
 use crate::harness::{
-    run_body, task_processes, test_settings, BinServer, DbView, TempDir, TestDb, TestServer, DEAD,
-    HOSTS,
+    run_body, task_dir, task_processes, test_settings, BinServer, DbView, TempDir, TestDb,
+    TestServer, DEAD, HOSTS, TEST_AGENT,
 };
 use downlink::store::{self, HostRow, Task};
 
@@ -142,11 +142,10 @@ fn kill_9_and_restart_end_every_task_as_without_a_crash(backend: crate::harness:
     // Every event of the files is stored once, in order.
     for id in ids.iter().chain([&later]) {
         let events = store::task_events(&mut view.conn(), *id).unwrap();
-        let lines =
-            std::fs::read_to_string(settings.run_dir.join(id.to_string()).join("events.jsonl"))
-                .unwrap()
-                .lines()
-                .count();
+        let lines = std::fs::read_to_string(task_dir(&settings, *id).join("events.jsonl"))
+            .unwrap()
+            .lines()
+            .count();
         assert_eq!(events.len(), lines, "task {id}");
         assert!(events
             .iter()
@@ -190,7 +189,7 @@ fn sigterm_exits_at_once_and_the_next_start_adopts() {
     let waited = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let t = store::tasks_with_status(&mut view.conn(), &[2]).unwrap();
+            let t = store::tasks_with_status(&mut view.conn(), TEST_AGENT, &[2]).unwrap();
             if let Some(t) = t.iter().find(|t| t.name == "waited") {
                 break t.id;
             }
@@ -215,14 +214,7 @@ fn sigterm_exits_at_once_and_the_next_start_adopts() {
     );
     // The tasks still run, with nobody watching; the next start adopts them.
     assert_eq!(view.task(id).status, 2);
-    assert!(!task_processes(
-        &settings
-            .run_dir
-            .canonicalize()
-            .unwrap()
-            .join(id.to_string())
-    )
-    .is_empty());
+    assert!(!task_processes(&task_dir(&settings, id)).is_empty());
     let second = BinServer::start(&settings, &dir.0);
     let task = view.wait_status(id, &[3, 4, 5, 6, 7], 60);
     assert_eq!(task.status, 4, "{task:?}");
@@ -258,14 +250,7 @@ fn sigterm_with_stop_tasks_on_shutdown_stops_them() {
         task.err.as_deref(),
         Some("stopped because downlink was shut down")
     );
-    assert!(task_processes(
-        &settings
-            .run_dir
-            .canonicalize()
-            .unwrap()
-            .join(id.to_string())
-    )
-    .is_empty());
+    assert!(task_processes(&task_dir(&settings, id)).is_empty());
 }
 
 #[test]
