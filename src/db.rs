@@ -70,18 +70,31 @@ impl Target {
     }
 }
 
-/// The URL with any password replaced by `***`.
+/// The URL with any password replaced by `***`: in the user information and in a `password`
+/// query parameter (libpq accepts both). A URL that does not parse is not shown at all.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(a database URL that does not parse)".to_owned();
     };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // `***` is written percent-encoded in the query; show it as typed.
+    parsed.to_string().replace("%2A%2A%2A", "***")
 }
 
 /// Opens connections of the backend the URL names, keeping the backend's own error.
@@ -190,6 +203,16 @@ mod tests {
             "postgres://dl:***@127.0.0.1/db"
         );
         assert_eq!(redact("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
+        // An `@` in the password (percent-encoded, as URLs require) and a password parameter.
+        assert_eq!(
+            redact("postgres://dl:p%40ss@db.example:5432/x"),
+            "postgres://dl:***@db.example:5432/x"
+        );
+        assert_eq!(
+            redact("postgresql://dl@h/db?sslmode=require&password=s3cret"),
+            "postgresql://dl@h/db?sslmode=require&password=***"
+        );
+        assert!(!redact("postgres://dl:s3cret@h:notaport/db").contains("s3cret"));
     }
 
     #[test]

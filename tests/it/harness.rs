@@ -406,6 +406,11 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
 impl BinServer {
     /// Starts the binary on a free port and waits until `/healthz` answers.
     pub fn start(settings: &Settings, dir: &Path) -> BinServer {
+        Self::start_in(settings, dir, dir)
+    }
+
+    /// The same, with `cwd` as the server's working directory (relative settings resolve there).
+    pub fn start_in(settings: &Settings, dir: &Path, cwd: &Path) -> BinServer {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().expect("addr").port()
@@ -415,6 +420,7 @@ impl BinServer {
         let started = chrono::Utc::now();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_downlink"))
             .arg("serve")
+            .current_dir(cwd)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", std::env::var("HOME").unwrap_or_default())

@@ -184,3 +184,42 @@ fn a_client_that_never_sends_its_body_is_cut_off() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(server.task_count(), 0);
 }
+
+#[test]
+fn output_and_events_files_are_held_to_their_limits() {
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.max_output_bytes = 4096;
+        s.max_events_file_bytes = 65536;
+    });
+    let play = "- debug: {msg: \"{{ 'z' * 12000 }}\"}\n".repeat(12);
+    let id = server.run(run_body("loud", &[HOSTS[0]], &play));
+    let task = server.wait_end(id, 90);
+    assert_eq!(task.status, 4, "{:?}", task.err);
+    // Host results still come from ansible's final stats, which are always written.
+    let hosts = server.hosts(id);
+    assert_eq!((hosts[0].ok, hosts[0].result.as_deref()), (12, Some("ok")));
+    let dir = server.run_dir(id);
+    let output = std::fs::read(dir.join("output.log")).unwrap();
+    let text = String::from_utf8_lossy(&output);
+    let note = text
+        .rfind("\n[downlink] output.log reached max_output_bytes (4096 bytes): ")
+        .expect("closing note");
+    assert!(
+        note <= 4096,
+        "kept at most the limit before the note: {note}"
+    );
+    assert!(text.ends_with("more bytes of ansible's output were not kept\n"));
+    let events_len = std::fs::metadata(dir.join("events.jsonl")).unwrap().len();
+    assert!(
+        events_len <= 65536 + 4096,
+        "events.jsonl is {events_len} bytes"
+    );
+    let events = server.events(id);
+    let marker = events
+        .iter()
+        .find(|e| e.kind == "events_file_limit")
+        .expect("marker stored");
+    let v: serde_json::Value = serde_json::from_str(&marker.payload).unwrap();
+    assert!(v["dropped"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(events.last().map(|e| e.kind.as_str()), Some("stats"));
+}

@@ -306,3 +306,97 @@ fn session(pid: i32) -> Option<i32> {
         .parse()
         .ok()
 }
+
+#[test]
+fn a_lowered_max_forks_runs_a_larger_stored_task_with_the_budget_there_is() {
+    let (dir, _db, mut settings, view) =
+        setup(crate::harness::Backend::Sqlite, |s| s.max_forks = 3);
+    let mut first = BinServer::start(&settings, &dir.0);
+    let holder = run(&first, run_body("holds-three", &HOSTS, VICTIM));
+    view.wait_status(holder, &[2], 30);
+    let wide = run(&first, run_body("asks-three", &HOSTS, "- ping:\n"));
+    let small = run(&first, run_body("asks-one", &[HOSTS[0]], "- ping:\n"));
+    assert_eq!((view.task(wide).status, view.task(wide).forks), (1, 3));
+    assert_eq!(view.task(small).status, 1);
+    // The operator lowers the budget and restarts; the running task is adopted.
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(20);
+    settings.max_forks = 1;
+    let second = BinServer::start(&settings, &dir.0);
+    let (_, body) = second.post(
+        "/api/stop",
+        &json!({"id": holder, "name": "holds-three"}).to_string(),
+    );
+    assert_eq!(body, json!({"code": 0, "content": {}}).to_string());
+    let wide_task = view.wait_end(wide, 60);
+    let small_task = view.wait_end(small, 60);
+    assert_eq!(
+        (wide_task.status, wide_task.forks),
+        (4, 1),
+        "ran with the budget there is"
+    );
+    assert_eq!(small_task.status, 4);
+    assert!(
+        wide_task.started_at <= small_task.started_at,
+        "still in arrival order"
+    );
+    assert!(view
+        .hosts(wide)
+        .iter()
+        .all(|h| h.result.as_deref() == Some("ok")));
+}
+
+#[test]
+fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
+    // A relative run_dir, as by default: each start's working directory decides where it points.
+    let (dir, _db, settings, view) = setup(crate::harness::Backend::Sqlite, |s| {
+        s.run_dir = "runs".into()
+    });
+    let (cwd_a, cwd_b) = (dir.0.join("a"), dir.0.join("b"));
+    std::fs::create_dir_all(&cwd_a).unwrap();
+    std::fs::create_dir_all(&cwd_b).unwrap();
+    let mut first = BinServer::start_in(&settings, &dir.0, &cwd_a);
+    let kept = run(
+        &first,
+        run_body("kept", &[HOSTS[0]], "- command: sleep 6\n"),
+    );
+    let lost = run(&first, run_body("lost", &[HOSTS[1]], VICTIM));
+    view.wait_status(kept, &[2], 30);
+    view.wait_status(lost, &[2], 30);
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(20);
+    // Another agent on the same database leaves them alone.
+    let mut other_settings = settings.clone();
+    other_settings.agent_name = "other-agent".into();
+    let mut other = BinServer::start_in(&other_settings, &dir.0, &cwd_b);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!((view.task(kept).status, view.task(lost).status), (2, 2));
+    assert_eq!(view.task(kept).agent.as_deref(), Some(TEST_AGENT));
+    other.signal(Signal::SIGTERM);
+    other.wait_exit(20);
+    // One task's process and run directory are gone for good.
+    let lost_pid = view.task(lost).pid.expect("pid recorded");
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(lost_pid), Signal::SIGKILL).unwrap();
+    let root_a = cwd_a.join("runs").join(TEST_AGENT).canonicalize().unwrap();
+    std::fs::remove_dir_all(root_a.join(lost.to_string())).unwrap();
+    // The same agent, started from elsewhere: it adopts what it finds where the task ran and ends
+    // what it cannot find anywhere, saying where it looked.
+    let _second = BinServer::start_in(&settings, &dir.0, &cwd_b);
+    let kept_task = view.wait_end(kept, 60);
+    assert_eq!(kept_task.status, 4, "{:?}", kept_task.err);
+    let lost_task = view.wait_end(lost, 30);
+    assert_eq!(lost_task.status, 7);
+    let root_b = cwd_b.join("runs").join(TEST_AGENT).canonicalize().unwrap();
+    assert_eq!(
+        lost_task.err,
+        Some(format!(
+            "its run directory was not found when downlink restarted (looked in {} and {}), so its end is unknown",
+            root_a.join(lost.to_string()).display(),
+            root_b.join(lost.to_string()).display()
+        ))
+    );
+    assert!(view
+        .hosts(lost)
+        .iter()
+        .all(|h| h.result.as_deref() == Some("interrupted")));
+}
