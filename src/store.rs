@@ -346,6 +346,9 @@ fn update_host(
     .execute(conn)
 }
 
+/// Rows of one multi-row event insert (7 binds each).
+const EVENT_ROWS_PER_STATEMENT: usize = 500;
+
 /// Appends events and records how far the events file has been read.
 pub fn insert_events(
     conn: &mut DbConnection,
@@ -360,11 +363,19 @@ pub fn insert_events(
             .select(diesel::dsl::max(task_events::seq))
             .first(conn)?;
         let stored = stored.unwrap_or(0);
-        // One statement per row: a multi-row VALUES is not available through MultiConnection.
-        for event in events.iter().filter(|e| e.seq > stored) {
-            diesel::insert_into(task_events::table)
-                .values(event)
-                .execute(conn)?;
+        // Events come in sequence order: the new ones are a tail.
+        let new = &events[events.partition_point(|e| e.seq <= stored)..];
+        // Multi-row VALUES, which MultiConnection does not offer: through the inner connection,
+        // a bounded number of rows per statement (well below either backend's bind limit).
+        for rows in new.chunks(EVENT_ROWS_PER_STATEMENT) {
+            match conn {
+                DbConnection::Pg(c) => diesel::insert_into(task_events::table)
+                    .values(rows)
+                    .execute(c)?,
+                DbConnection::Sqlite(c) => diesel::insert_into(task_events::table)
+                    .values(rows)
+                    .execute(c)?,
+            };
         }
         diesel::update(tasks::table.find(task_id))
             .set(tasks::events_offset.eq(offset))
