@@ -395,6 +395,8 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.stop_tasks_on_shutdown.to_string(),
         ),
         ("DOWNLINK_STORE_PARAMS", s.store_params.to_string()),
+        ("DOWNLINK_DB_RETRY_SECS", s.db_retry_secs.to_string()),
+        ("DOWNLINK_RECONCILE_SECS", s.reconcile_secs.to_string()),
         ("DOWNLINK_WORKERS", s.workers.to_string()),
         ("DOWNLINK_LOG_FORMAT", "json".to_owned()),
         ("DOWNLINK_LOG_LEVEL", "info".to_owned()),

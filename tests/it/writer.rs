@@ -282,3 +282,55 @@ fn ends_given_up_during_an_outage_are_written_when_the_database_returns() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(server.task(pending).status, 5);
 }
+
+#[test]
+fn a_pending_task_stopped_while_the_database_is_away_never_runs_even_after_a_restart() {
+    use crate::harness::{test_settings, BinServer, DbView, TempDir, TestDb};
+    let dir = TempDir::new();
+    let db = TestDb::new(Backend::Postgres, &dir.0);
+    let mut settings = test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    settings.max_forks = 1;
+    settings.db_retry_secs = 1;
+    let view = DbView::open(&db.url);
+    let mut first = BinServer::start(&settings, &dir.0);
+    let post = |server: &BinServer, path: &str, body: Value| server.post(path, &body.to_string()).1;
+    let id_of = |text: String| -> i64 {
+        serde_json::from_str::<Value>(&text).unwrap()["content"]["id"]
+            .as_i64()
+            .unwrap()
+    };
+    let holder = id_of(post(
+        &first,
+        "/api/run",
+        run_body("holder", &[HOSTS[0]], "- command: sleep 3\n"),
+    ));
+    view.wait_status(holder, &[2], 30);
+    let pending = id_of(post(
+        &first,
+        "/api/run",
+        run_body("never-runs", &[HOSTS[1]], "- ping:\n"),
+    ));
+    database_away(&db.url, true);
+    let answer = post(
+        &first,
+        "/api/stop",
+        json!({"id": pending, "name": "never-runs"}),
+    );
+    assert_eq!(
+        answer,
+        json!({"code": -1, "message": "database unavailable, retry later"}).to_string()
+    );
+    // The agent goes down before the database comes back: only end.json knows of the stop.
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    first.wait_exit(60);
+    database_away(&db.url, false);
+    let _second = BinServer::start(&settings, &dir.0);
+    let task = view.wait_end(pending, 30);
+    assert_eq!(
+        (task.status, task.err.as_deref()),
+        (5, Some("stopped through /api/stop"))
+    );
+    assert_eq!(task.started_at, None, "it never ran");
+    assert_eq!(view.wait_end(holder, 30).status, 4);
+}
