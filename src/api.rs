@@ -42,6 +42,8 @@ pub struct AppState {
     pub health: crate::health::Checks,
     /// What the writer knows of the database.
     pub db_health: Arc<crate::persistence::DbHealth>,
+    /// How task processes are tracked (`exec::Tracking::describe`).
+    pub process_tracking: String,
     /// Places left in the pending queue.
     pub slots: Arc<crate::supervisor::QueueSlots>,
 }

@@ -188,6 +188,7 @@ mod tests {
             exit_code: None,
             ended_at: crate::time::now(),
             hosts: vec![host],
+            usage: Default::default(),
         };
         fin.clean();
         assert_eq!(fin.err.as_deref(), Some("e\u{FFFD}"));

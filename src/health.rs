@@ -105,7 +105,8 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if problems.is_empty() {
         HttpResponse::Ok().json(json!({"code": 0, "content": {
             "database": "ok", "migrations": "ok", "ansible": "ok",
-            "db_writes_repaired": state.db_health.repaired()}}))
+            "db_writes_repaired": state.db_health.repaired(),
+            "process_tracking": state.process_tracking}}))
     } else {
         HttpResponse::ServiceUnavailable().json(json!({
             "code": -1, "message": format!("not ready: {}", problems.join("; "))}))

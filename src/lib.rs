@@ -17,7 +17,10 @@
 //! - [`store`]: diesel queries shared by both backends; [`db`]: connections, pool, migrations.
 //! - [`ansible`]: playbook and params shapes, the run directory, the callback plugin's events and
 //!   the bounded reader of its file (`ansible/tail.rs`).
-//! - [`procs`]: finding and killing a task's processes through `/proc`.
+//! - [`exec`]: the execution layer: a task is a cgroup (`exec/cgroup.rs`), the agent's warm SSH
+//!   masters (`exec/connections.rs`), the task's mark on its nodes and its cleanup there
+//!   (`exec/remote.rs`).
+//! - [`procs`]: `/proc` reads (start times, the environment marker) for adoption and the fallback.
 //! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`.
 //! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
 //!   [`status`], [`time`].
@@ -27,6 +30,7 @@ pub mod api;
 pub mod auth;
 pub mod clean;
 pub mod db;
+pub mod exec;
 pub mod health;
 pub mod logging;
 pub mod persistence;

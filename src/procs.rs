@@ -1,9 +1,11 @@
-//! Processes of a task, found through `/proc`. A task's `ansible-playbook` leads its own session
-//! and process group; everything it starts inherits the environment marker
-//! (`DOWNLINK_TASK_MARK=<run dir>`), including SSH ControlPersist masters that leave the group.
+//! Processes through `/proc`: start times (to tell a process from a later one with its pid, for
+//! adoption), and, where no cgroup is available (`exec::Tracking::Fallback`), a task's processes
+//! found by the environment marker every one of them inherits (`DOWNLINK_TASK_MARK=<run dir>`) or
+//! by a command line naming the run directory (an ssh master rewrites its environment away).
 //! These functions are blocking (they read `/proc`): call them off the async threads.
 
 use std::fs;
+use std::path::Path;
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -13,56 +15,82 @@ use nix::unistd::Pid;
 
 use crate::ansible::TASK_MARK_VAR;
 
-/// Start time of a process in clock ticks since boot (`/proc/PID/stat` field 22), which tells a
-/// process from a later one that got the same pid.
+/// The fields of `/proc/PID/stat` downlink reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    state: char,
+    session: i32,
+    /// Clock ticks since boot (field 22).
+    start_time: i64,
+}
+
+/// `/proc/PID/stat`, parsed once here for every caller. The command name (field 2) is in
+/// parentheses and may hold spaces and parentheses: fields are counted after the last ')'.
+fn stat(pid: i32) -> Option<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state (3), ppid (4), pgrp (5), session (6), … starttime (22).
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        session: fields.get(3)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// Start time of a process in clock ticks since boot, which tells a process from a later one that
+/// got the same pid.
 pub fn start_time(pid: i32) -> Option<i64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat(pid).map(|s| s.start_time)
 }
 
 /// Whether the process still runs (exists and is not a zombie) and is the one started then.
 pub fn is_alive(pid: i32, started: i64) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
+    stat(pid).is_some_and(|s| s.state != 'Z' && s.start_time == started)
+}
+
+fn pids() -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
     };
-    let Some(close) = stat.rfind(')') else {
-        return false;
-    };
-    let mut fields = stat[close + 1..].split_whitespace();
-    let state = fields.next();
-    state != Some("Z") && start_time(pid) == Some(started)
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect()
 }
 
 /// Pids of live processes whose environment carries the task's marker.
 pub fn marked(mark: &str) -> Vec<i32> {
     let needle = format!("{TASK_MARK_VAR}={mark}\0");
     let me = std::process::id() as i32;
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        // Unreadable (gone, or another user's) and zombie processes have no readable environment.
-        let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if contains(&environ, needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
+    pids()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            // Unreadable (gone, or another user's) and zombie processes have no readable environment.
+            fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| contains(&env, needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// Pids of live processes whose command line names `dir` (an ssh multiplexing master of the task
+/// shows its ControlPath there, `ssh: <dir>/… [mux]`, after rewriting its environment away).
+fn naming(dir: &Path) -> Vec<i32> {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id() as i32;
+    pids()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+        })
+        .collect()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -77,11 +105,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// by the marker: (pid, start time).
 pub fn leader(mark: &str) -> Option<(i32, i64)> {
     marked(mark).into_iter().find_map(|pid| {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 1..];
-        // Fields after the name: state, ppid, pgrp, session.
-        let session: i32 = rest.split_whitespace().nth(3)?.parse().ok()?;
-        (session == pid).then(|| start_time(pid).map(|t| (pid, t)))?
+        let s = stat(pid)?;
+        (s.session == pid).then_some((pid, s.start_time))
     })
 }
 
@@ -90,35 +115,51 @@ pub fn signal_group(pgid: i32, signal: Signal) -> bool {
     killpg(Pid::from_raw(pgid), signal).is_ok()
 }
 
-/// SIGKILLs every process that carries the task's marker until none is left (or a few rounds
-/// have passed), then reaps the task's dead processes that became ours; the number killed.
+/// Without a cgroup: SIGKILLs every process that carries the task's marker or names its run
+/// directory `dir` on its command line, until none is left (or a few rounds have passed), then
+/// reaps those that became ours; the number killed.
 ///
 /// `group` is the task's process group, whose leader the caller has already waited for.
-pub fn kill_marked(mark: &str, group: Option<i32>) -> usize {
+pub fn kill_leftovers(mark: &str, dir: &Path, group: Option<i32>) -> usize {
     let mut killed = Vec::new();
     for _ in 0..20 {
-        let pids = marked(mark);
-        if pids.is_empty() {
+        let mut found = marked(mark);
+        found.extend(naming(dir));
+        found.sort_unstable();
+        found.dedup();
+        if found.is_empty() {
             break;
         }
-        for pid in pids {
+        for pid in found {
             if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
                 killed.push(pid);
             }
         }
         sleep(Duration::from_millis(25));
     }
-    if let Some(pgid) = group {
-        reap(Pid::from_raw(-pgid));
-    }
-    for pid in &killed {
-        reap(Pid::from_raw(*pid));
-    }
+    reap_group(group);
+    reap(&killed);
     killed.len()
 }
 
+/// Reaps those of `pids` that are dead children of this process (a task's processes re-parented
+/// to the subreaper), without blocking.
+pub fn reap(pids: &[i32]) {
+    for pid in pids {
+        reap_one(Pid::from_raw(*pid));
+    }
+}
+
+/// Reaps the dead members of the task's process group that became ours (the caller has waited
+/// for its leader).
+pub fn reap_group(group: Option<i32>) {
+    if let Some(pgid) = group {
+        reap_one(Pid::from_raw(-pgid));
+    }
+}
+
 /// Makes this process the reaper of its orphaned descendants, so a task's killed workers and SSH
-/// masters are reaped here (see `kill_marked`) instead of waiting on an init that may never reap.
+/// masters are reaped here (see `kill_leftovers`) instead of waiting on an init that may never reap.
 pub fn become_subreaper() -> bool {
     nix::sys::prctl::set_child_subreaper(true).is_ok()
 }
@@ -126,7 +167,7 @@ pub fn become_subreaper() -> bool {
 /// Reaps dead children matching `which` (a pid, or a negated process group) without blocking.
 /// Only called for processes of a task whose leader has already been waited for, so it never
 /// takes an exit status that tokio is waiting for.
-fn reap(which: Pid) {
+fn reap_one(which: Pid) {
     while let Ok(status) = waitpid(which, Some(WaitPidFlag::WNOHANG)) {
         if status == WaitStatus::StillAlive {
             break;
@@ -145,6 +186,20 @@ mod tests {
         assert!(t > 0);
         assert!(is_alive(me, t));
         assert!(!is_alive(me, t + 1));
+    }
+
+    #[test]
+    fn stat_fields_are_counted_after_the_name() {
+        let text = "42 (a (b) c) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 777 0 0";
+        assert_eq!(
+            parse_stat(text),
+            Some(Stat {
+                state: 'S',
+                session: 42,
+                start_time: 777
+            })
+        );
+        assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]
@@ -173,8 +228,11 @@ mod tests {
             sleep(Duration::from_millis(5));
         }
         assert_eq!(marked(&mark), vec![pid]);
-        assert_eq!(kill_marked(&mark, None), 1);
-        // Already reaped by kill_marked; wait only to tidy up if it was not.
+        assert_eq!(
+            kill_leftovers(&mark, Path::new("/nonexistent/dir"), None),
+            1
+        );
+        // Already reaped by kill_leftovers; wait only to tidy up if it was not.
         let _ = child.wait();
         assert!(marked(&mark).is_empty());
     }

@@ -74,6 +74,7 @@ fn ended(task: &Task, nodes: &[String], status: Status, err: String, ending: End
         exit_code: None,
         ended_at: time::now(),
         hosts: Hosts::new(nodes).finish(ending),
+        usage: Default::default(),
     }
 }
 

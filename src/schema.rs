@@ -34,6 +34,8 @@ diesel::table! {
         events_offset -> BigInt,
         instance -> Nullable<Text>,
         agent -> Nullable<Text>,
+        cpu_usec -> Nullable<BigInt>,
+        memory_peak_bytes -> Nullable<BigInt>,
     }
 }
 

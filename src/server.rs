@@ -18,6 +18,9 @@ use crate::ansible::rundir;
 use crate::api::{self, ApiError, AppState, ErrorMessage};
 use crate::auth::{Access, OPEN_PATHS};
 use crate::db::{self, Pool, Target};
+use crate::exec::cgroup::Cgroups;
+use crate::exec::connections::Connections;
+use crate::exec::{Exec, Tracking};
 use crate::persistence::{DbHealth, Flush, Persistence};
 use crate::settings::Settings;
 use crate::supervisor::{Close, QueueSlots, Recover, TaskSupervisor};
@@ -37,6 +40,8 @@ pub struct Prepared {
     pub pool: Pool,
     pub run_root: PathBuf,
     pub recover: Recover,
+    pub tracking: Tracking,
+    pub run_as: Option<rundir::RunAs>,
 }
 
 /// `downlink migrate`: applies pending migrations over one connection and nothing else.
@@ -95,11 +100,21 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
               "adopt" => plan.adopt.len(), "requeue" => plan.requeue.len(), "end" => plan.end.len());
     }
     let recover = Recover(plan);
+    let tracking = match Cgroups::detect(&settings.cgroup_parent, &settings.agent_name) {
+        Ok(cgroups) => Tracking::Cgroup(cgroups),
+        Err(why) => Tracking::Fallback(why),
+    };
+    match &tracking {
+        Tracking::Cgroup(_) => info!(log, "process tracking"; "mode" => tracking.describe()),
+        Tracking::Fallback(_) => warn!(log, "process tracking"; "mode" => tracking.describe()),
+    }
     Ok(Prepared {
         settings: Arc::new(settings),
         pool,
         run_root,
         recover,
+        tracking,
+        run_as,
     })
 }
 
@@ -118,6 +133,8 @@ pub async fn run(
         pool,
         run_root,
         recover,
+        tracking,
+        run_as,
     } = prepared;
     log_panics(&log);
     let db_health = DbHealth::new();
@@ -129,11 +146,26 @@ pub async fn run(
     )
     .start();
     let slots = QueueSlots::new(settings.max_queued);
+    let control_dir = rundir::control_dir(&run_root);
+    let connections = Connections::new(
+        settings.clone(),
+        control_dir.clone(),
+        run_as,
+        log.new(slog::o!("part" => "connections")),
+    )
+    .start();
+    let process_tracking = tracking.describe();
+    let exec = Exec {
+        tracking,
+        connections,
+        control_dir,
+    };
     let supervisor = TaskSupervisor::new(
         settings.clone(),
         run_root,
         persistence.clone(),
         slots.clone(),
+        exec,
         log.clone(),
     )
     .start();
@@ -148,6 +180,7 @@ pub async fn run(
         closing,
         health: health::Checks::new(settings.ansible_playbook.clone()),
         db_health,
+        process_tracking,
         slots,
     });
     let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);

@@ -53,6 +53,10 @@ pub struct Settings {
     pub max_nodes: usize,
     pub task_time_limit_secs: u64,
     pub stop_grace_secs: u64,
+    pub cgroup_parent: String,
+    pub ssh_idle_secs: u64,
+    pub remote_cleanup_secs: u64,
+    pub remote_cleanup_concurrency: usize,
     pub parallel_run_timeout_secs: u64,
     pub body_limit: usize,
     pub max_playbook_bytes: usize,
@@ -146,6 +150,12 @@ impl Settings {
         }
         if !is_agent_name(&self.agent_name) {
             return bad("agent_name must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names the agent's run directory");
+        }
+        if self.remote_cleanup_secs == 0 || self.remote_cleanup_concurrency == 0 {
+            return bad("remote_cleanup_secs and remote_cleanup_concurrency must be at least 1");
+        }
+        if self.cgroup_parent.split('/').any(|part| part == "..") {
+            return bad("cgroup_parent must not contain ..");
         }
         if self.reconcile_secs == 0 {
             return bad("reconcile_secs must be at least 1");

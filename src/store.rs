@@ -37,6 +37,8 @@ pub struct Task {
     pub events_offset: i64,
     pub instance: Option<String>,
     pub agent: Option<String>,
+    pub cpu_usec: Option<i64>,
+    pub memory_peak_bytes: Option<i64>,
 }
 
 /// A new task, as validated from a request.
@@ -135,6 +137,15 @@ pub struct Finish {
     pub ended_at: NaiveDateTime,
     /// Final state of every node: rows that do not exist yet are created.
     pub hosts: Vec<HostState>,
+    /// What the task's cgroup measured (CPU microseconds, peak memory bytes).
+    pub usage: Usage,
+}
+
+/// What a task's cgroup measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_usec: Option<i64>,
+    pub memory_peak_bytes: Option<i64>,
 }
 
 /// Why a store call failed.
@@ -425,6 +436,8 @@ pub fn finish(conn: &mut DbConnection, fin: &Finish) -> Result<bool, StoreError>
             tasks::updated_at.eq(fin.ended_at),
             tasks::pid.eq(None::<i32>),
             tasks::pid_start_time.eq(None::<i64>),
+            tasks::cpu_usec.eq(fin.usage.cpu_usec),
+            tasks::memory_peak_bytes.eq(fin.usage.memory_peak_bytes),
         ))
         .execute(conn)?;
         Ok(changed == 1)

@@ -26,6 +26,8 @@ use tokio::sync::oneshot;
 
 use crate::ansible::events::{Ending, Hosts};
 use crate::ansible::rundir::RunDir;
+use crate::exec::connections::CloseAll;
+use crate::exec::Exec;
 use crate::persistence::{FinishTask, MarkRunning, Persistence, Repair, Truth};
 use crate::recovery::Plan;
 use crate::settings::Settings;
@@ -141,6 +143,7 @@ pub struct TaskSupervisor {
     /// Shared with every TaskActor: set at shutdown, so actors dropped with the server leave their
     /// processes to the next start.
     shutting_down: Arc<AtomicBool>,
+    exec: Exec,
 }
 
 impl TaskSupervisor {
@@ -150,6 +153,7 @@ impl TaskSupervisor {
         run_root: PathBuf,
         persistence: Addr<Persistence>,
         slots: Arc<QueueSlots>,
+        exec: Exec,
         log: Logger,
     ) -> TaskSupervisor {
         TaskSupervisor {
@@ -166,6 +170,7 @@ impl TaskSupervisor {
             reconciling: false,
             closing: false,
             shutting_down: Arc::new(AtomicBool::new(false)),
+            exec,
         }
     }
 
@@ -220,6 +225,7 @@ impl TaskSupervisor {
             self.persistence.clone(),
             ctx.address(),
             self.shutting_down.clone(),
+            self.exec.clone(),
             log,
         )
         .start();
@@ -392,6 +398,7 @@ impl Handler<EndTask> for TaskSupervisor {
                 exit_code: None,
                 ended_at: time::now(),
                 hosts: Hosts::new(&spec.nodes).finish(ending),
+                usage: Default::default(),
             };
             // Kept until the database takes it, so it never runs, not even after a restart.
             self.owed.insert(spec.id, fin.clone());
@@ -499,6 +506,7 @@ impl Handler<TaskLost> for TaskSupervisor {
             exit_code: None,
             ended_at: time::now(),
             hosts: Hosts::new(&running.nodes).finish(Ending::Interrupted),
+            usage: Default::default(),
         };
         let sent = self.persistence.send(FinishTask(fin.clone()));
         ctx.spawn(sent.into_actor(self).map(move |res, act, ctx| {
@@ -615,7 +623,9 @@ impl Handler<Close> for TaskSupervisor {
     fn handle(&mut self, msg: Close, _: &mut Context<Self>) -> Self::Result {
         self.closing = true;
         self.shutting_down.store(true, Ordering::SeqCst);
+        let connections = self.exec.connections.clone();
         if !msg.stop_tasks {
+            connections.do_send(CloseAll);
             return Box::pin(async {});
         }
         let ids: Vec<i64> = self.running.keys().copied().collect();
@@ -633,6 +643,7 @@ impl Handler<Close> for TaskSupervisor {
             for rx in ends {
                 let _ = rx.await;
             }
+            let _ = connections.send(CloseAll).await;
         })
     }
 }

@@ -35,11 +35,15 @@ use slog::{error, info, warn, Logger};
 use crate::ansible::events::{parse_line, Ending, Event, Hosts};
 use crate::ansible::rundir::{self, Job, RunDir};
 use crate::ansible::tail::{self, Chunk, EventTail, Piece};
+use crate::exec::cgroup::TaskCgroup;
+use crate::exec::connections::{self, Acquire, Release};
+use crate::exec::remote::{self, Cleaned};
+use crate::exec::Exec;
 use crate::persistence::{FinishTask, MarkRunning, Persistence, SaveProgress};
 use crate::procs;
 use crate::settings::Settings;
 use crate::status::Status;
-use crate::store::{Finish, NewEvent};
+use crate::store::{Finish, HostState, NewEvent, Usage};
 use crate::supervisor::{timeout_err, TaskEnded, TaskLost, TaskSpec, TaskStarted, TaskSupervisor};
 use crate::{clean, time};
 use verdict::{verdict, Exit, Verdict};
@@ -81,6 +85,35 @@ impl EndFile {
             _ => Ending::Exited,
         }
     }
+}
+
+/// What the cleanup found on each node.
+type HashMapCleaned = std::collections::HashMap<String, Cleaned>;
+
+/// Host results after a stop or time limit, with what cleaning each node found: a host that
+/// could not be cleaned says so in its message (a failure message it already has is kept).
+fn with_cleanup(mut hosts: Vec<HostState>, cleaned: &HashMapCleaned) -> Vec<HostState> {
+    if cleaned.is_empty() {
+        return hosts;
+    }
+    for h in &mut hosts {
+        let ended = h.result.as_deref().unwrap_or("stopped").to_owned();
+        let note = match cleaned.get(&h.host) {
+            Some(Cleaned::Clean { .. }) => continue,
+            Some(Cleaned::Left { left, .. }) => format!(
+                "{ended}; {left} processes of this task could not be killed on the node"
+            ),
+            Some(Cleaned::Failed(why)) => format!(
+                "{ended}; the node could not be cleaned ({why}): processes this task started there may still run"
+            ),
+            None if matches!(ended.as_str(), "failed" | "unreachable") => continue,
+            None => format!(
+                "{ended}; cleaning the node did not finish in time: processes this task started there may still run"
+            ),
+        };
+        h.msg.get_or_insert(note);
+    }
+    hosts
 }
 
 /// Reads a run directory's `end.json`, if it has a readable one.
@@ -150,6 +183,13 @@ pub struct TaskActor {
     recorded: Option<EndFile>,
     ending: bool,
     guard: Guard,
+    exec: Exec,
+    /// The task's cgroup, in cgroup mode, once started (or adopted).
+    cgroup: Option<TaskCgroup>,
+    /// The task's mark on its nodes (`DOWNLINK_TASK`), once known.
+    mark: Option<String>,
+    /// Masters taken from the connections actor, to give back at the end.
+    acquired: bool,
 }
 
 impl TaskActor {
@@ -166,6 +206,7 @@ impl TaskActor {
         persistence: Addr<Persistence>,
         supervisor: Addr<TaskSupervisor>,
         shutting_down: Arc<AtomicBool>,
+        exec: Exec,
         log: Logger,
     ) -> TaskActor {
         TaskActor {
@@ -197,6 +238,10 @@ impl TaskActor {
             kill: None,
             recorded: None,
             ending: false,
+            exec,
+            cgroup: None,
+            mark: None,
+            acquired: false,
         }
     }
 
@@ -205,20 +250,27 @@ impl TaskActor {
         self.guard.pgid = pgid;
     }
 
-    /// Sends SIGTERM to the whole process group now and SIGKILL after the grace period.
+    /// Sends SIGTERM to every process of the task now (its cgroup, and its process group) and
+    /// kills them all after the grace period.
     fn terminate(&mut self, ctx: &mut Context<Self>) {
         let Some(pgid) = self.pgid else {
             return;
         };
         procs::signal_group(pgid, Signal::SIGTERM);
+        if let Some(cg) = self.cgroup.clone() {
+            tokio::task::spawn_blocking(move || cg.signal(Signal::SIGTERM));
+        }
         let grace = Duration::from_secs(self.settings.stop_grace_secs);
         ctx.run_later(grace, move |act, _| {
             if act.pgid.is_some() {
                 warn!(
                     act.log,
-                    "process group outlived the grace period, killing it"
+                    "the task's processes outlived the grace period, killing them"
                 );
                 procs::signal_group(pgid, Signal::SIGKILL);
+                if let Some(cg) = act.cgroup.clone() {
+                    tokio::task::spawn_blocking(move || cg.kill());
+                }
             }
         });
     }
@@ -463,9 +515,12 @@ impl TaskActor {
         }));
     }
 
-    /// Sweeps what the task left, finds ansible's error line, closes output.log, records the end.
+    /// Empties the task's cgroup (or, without one, sweeps its marked processes), finds ansible's
+    /// error line, closes output.log; after a stop or a time limit, cleans the task's nodes; then
+    /// records the end.
     fn finish(&mut self, exit: Exit, ctx: &mut Context<Self>) {
         let mark = self.dir.mark();
+        let dir_path = self.dir.path.clone();
         let output = self.dir.output();
         let verdict_path = self.dir.verdict();
         // Only the group of our own child (already waited for) may be reaped here.
@@ -477,9 +532,29 @@ impl TaskActor {
         let limit = self.settings.max_output_bytes;
         let cut_before = self.output_cut;
         let adopted = matches!(self.origin, Origin::Adopt { .. });
-        let rest = async move {
+        let cgroup = self.cgroup.clone();
+        let grace = Duration::from_secs(self.settings.stop_grace_secs.max(1));
+        let local = async move {
             tokio::task::spawn_blocking(move || {
-                let killed = procs::kill_marked(&mark, group);
+                let (killed, emptied, usage) = match &cgroup {
+                    Some(cg) => {
+                        let (emptied, mut seen) = cg.empty(grace);
+                        let usage = cg.usage();
+                        if emptied {
+                            cg.remove();
+                        }
+                        procs::reap_group(group);
+                        seen.sort_unstable();
+                        seen.dedup();
+                        procs::reap(&seen);
+                        (seen.len(), emptied, usage)
+                    }
+                    None => (
+                        procs::kill_leftovers(&mark, &dir_path, group),
+                        true,
+                        Usage::default(),
+                    ),
+                };
                 let cut = rundir::bound_output(&output, limit).unwrap_or(0);
                 if cut_before + cut > 0 {
                     rundir::note_output_cut(&output, limit, cut_before + cut);
@@ -492,23 +567,90 @@ impl TaskActor {
                 } else {
                     None
                 };
-                (killed, cut, why, recorded)
+                (killed, emptied, usage, cut, why, recorded)
             })
             .await
         };
-        ctx.wait(rest.into_actor(self).map(move |joined, act, ctx| {
-            let (killed, cut, why, recorded) = joined.unwrap_or((0, 0, None, None));
+        ctx.wait(local.into_actor(self).map(move |joined, act, ctx| {
+            let Ok((killed, emptied, usage, cut, why, recorded)) = joined else {
+                act.set_pgid(None);
+                act.record_end(exit, None, Usage::default(), HashMapCleaned::new(), ctx);
+                return;
+            };
             if killed > 0 {
                 info!(act.log, "killed processes left by the task"; "count" => killed);
+            }
+            if !emptied {
+                error!(
+                    act.log,
+                    "the task's cgroup is not empty after the grace period"
+                );
             }
             act.output_cut += cut;
             act.set_pgid(None);
             act.recorded = recorded;
-            act.record_end(exit, why, ctx);
+            act.release_connections();
+            // After a stop or a time limit, the work the task started on its nodes goes too.
+            let clean = act.kill.is_some() && act.recorded.is_none();
+            match (clean, act.mark.clone()) {
+                (true, Some(mark)) => {
+                    let nodes = act.cleanup_nodes();
+                    let s = &act.settings;
+                    let cleanup = remote::clean(
+                        nodes,
+                        mark,
+                        Duration::from_secs(s.remote_cleanup_secs),
+                        s.remote_cleanup_concurrency,
+                    );
+                    ctx.wait(cleanup.into_actor(act).map(move |cleaned, act, ctx| {
+                        act.record_end(exit, why, usage, cleaned, ctx);
+                    }));
+                }
+                _ => act.record_end(exit, why, usage, HashMapCleaned::new(), ctx),
+            }
         }));
     }
 
-    fn record_end(&mut self, exit: Exit, why: Option<String>, ctx: &mut Context<Self>) {
+    /// The nodes the task may have started processes on, and how to reach each.
+    fn cleanup_nodes(&self) -> Vec<remote::Node> {
+        let s = &self.settings;
+        let options = connections::split_args(&s.ssh_common_args);
+        self.hosts
+            .reachable()
+            .into_iter()
+            .map(|host| remote::Node {
+                control_path: connections::live_socket(
+                    &self.exec.control_dir,
+                    &host,
+                    s.ssh_port,
+                    &self.spec.remote_user,
+                ),
+                host,
+                user: self.spec.remote_user.clone(),
+                port: s.ssh_port,
+                key: s.ssh_private_key.clone(),
+                options: options.clone(),
+            })
+            .collect()
+    }
+
+    fn release_connections(&mut self) {
+        if std::mem::take(&mut self.acquired) {
+            self.exec.connections.do_send(Release {
+                user: self.spec.remote_user.clone(),
+                hosts: self.spec.nodes.clone(),
+            });
+        }
+    }
+
+    fn record_end(
+        &mut self,
+        exit: Exit,
+        why: Option<String>,
+        usage: Usage,
+        cleaned: HashMapCleaned,
+        ctx: &mut Context<Self>,
+    ) {
         let exit_code = match &exit {
             Exit::Exited { code, .. } => *code,
             _ => None,
@@ -534,7 +676,8 @@ impl TaskActor {
             err: v.err,
             exit_code,
             ended_at: time::now(),
-            hosts: self.hosts.finish(v.ending),
+            hosts: with_cleanup(self.hosts.finish(v.ending), &cleaned),
+            usage,
         };
         let file = EndFile {
             status: fin.status.code(),
@@ -580,30 +723,53 @@ impl TaskActor {
         let root = self.run_root.clone();
         let dir = self.dir.clone();
         let spec = self.spec.clone();
+        let cgroups = self.exec.tracking.cgroups().cloned();
+        let connections = self.exec.connections.clone();
+        let mark = remote::new_mark(&settings.agent_name, spec.id);
+        self.mark = Some(mark.clone());
         let prepare = async move {
-            let dir2 = dir.clone();
-            let s2 = settings.clone();
-            let run_as = tokio::task::spawn_blocking(move || {
+            let (dir2, s2, spec2, mark2) =
+                (dir.clone(), settings.clone(), spec.clone(), mark.clone());
+            let (run_as, cgroup) = tokio::task::spawn_blocking(move || {
                 let job = Job {
-                    nodes: &spec.nodes,
-                    remote_user: &spec.remote_user,
-                    content: &spec.content,
-                    params: &spec.params,
+                    nodes: &spec2.nodes,
+                    remote_user: &spec2.remote_user,
+                    content: &spec2.content,
+                    params: &spec2.params,
                 };
-                rundir::prepare(&s2, &dir2, &job)
+                let run_as = rundir::prepare(&s2, &dir2, &job, &mark2)?;
+                let cgroup = cgroups.map(|c| c.task(spec2.id)).transpose()?;
+                Ok::<_, std::io::Error>((run_as, cgroup))
             })
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
-            let mut cmd = rundir::command(&settings, &root, &dir, spec.forks, run_as.as_ref())
-                .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
-            cmd.spawn().map_err(|e| {
+            // Warm connections first: the agent's masters, outside this task's cgroup.
+            let _ = connections
+                .send(Acquire {
+                    user: spec.remote_user.clone(),
+                    hosts: spec.nodes.clone(),
+                })
+                .await;
+            let mut cmd = rundir::command(
+                &settings,
+                &root,
+                &dir,
+                spec.forks,
+                run_as.as_ref(),
+                cgroup.as_ref(),
+                &mark,
+            )
+            .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
+            let child = cmd.spawn().map_err(|e| {
                 format!(
                     "cannot start ansible-playbook ({}): {e}",
                     settings.ansible_playbook
                 )
-            })
+            })?;
+            Ok::<_, String>((child, cgroup))
         };
+        self.acquired = true;
         ctx.wait(
             prepare
                 .into_actor(self)
@@ -612,7 +778,10 @@ impl TaskActor {
                         error!(act.log, "task could not start"; "error" => %reason);
                         act.end(Exit::NotStarted(reason), ctx);
                     }
-                    Ok(child) => act.on_spawned(child, ctx),
+                    Ok((child, cgroup)) => {
+                        act.cgroup = cgroup;
+                        act.on_spawned(child, ctx)
+                    }
                 }),
         );
     }
@@ -711,20 +880,36 @@ impl Actor for TaskActor {
             Origin::Adopt {
                 pid, start_time, ..
             } => {
-                if procs::is_alive(pid, start_time) {
-                    info!(self.log, "re-adopted a running task"; "pid" => pid);
-                    self.set_pgid(Some(pid));
-                    self.read_events(ctx);
-                    self.follow(ctx);
-                } else {
-                    self.end(
-                        Exit::Vanished {
-                            pid,
-                            at_start: true,
-                        },
-                        ctx,
-                    );
-                }
+                // Its cgroup (if it ran in one) and its mark on the nodes, from the earlier run.
+                let cgroups = self.exec.tracking.cgroups().cloned();
+                let (id, mark_file) = (self.spec.id, self.dir.remote_mark());
+                let found = async move {
+                    tokio::task::spawn_blocking(move || {
+                        let cgroup = cgroups.and_then(|c| c.task(id).ok());
+                        let mark = std::fs::read_to_string(mark_file).ok();
+                        (cgroup, mark)
+                    })
+                    .await
+                    .unwrap_or((None, None))
+                };
+                ctx.wait(found.into_actor(self).map(move |(cgroup, mark), act, ctx| {
+                    act.cgroup = cgroup;
+                    act.mark = mark.map(|m| m.trim().to_owned()).filter(|m| !m.is_empty());
+                    if procs::is_alive(pid, start_time) {
+                        info!(act.log, "re-adopted a running task"; "pid" => pid);
+                        act.set_pgid(Some(pid));
+                        act.read_events(ctx);
+                        act.follow(ctx);
+                    } else {
+                        act.end(
+                            Exit::Vanished {
+                                pid,
+                                at_start: true,
+                            },
+                            ctx,
+                        );
+                    }
+                }));
             }
         }
     }

@@ -114,7 +114,30 @@ class CallbackModule(CallbackBase):
         self._emit("playbook_start", playbook=os.path.basename(playbook._file_name))
 
     def v2_playbook_on_play_start(self, play):
+        self._mark_remote(play)
         self._emit("play_start", play=_bounded(play.get_name()))
+
+    @staticmethod
+    def _mark_remote(play):
+        """Adds DOWNLINK_TASK=<mark> to the play's environment, so every process the task starts on
+        a node carries it (through become too) and a stop can find it there. The blocks of a play
+        keep the play they were loaded with, not the copy this callback gets: mark both. The mark
+        is appended to whatever environment the play had; nothing else of the play changes."""
+        mark = os.environ.get("DOWNLINK_REMOTE_MARK")
+        if not mark:
+            return
+        plays = {id(play): play}
+        for block in list(play.pre_tasks) + list(play.tasks) + list(play.post_tasks) + list(play.handlers):
+            parent = getattr(block, "_play", None)
+            if parent is not None:
+                plays[id(parent)] = parent
+        for p in plays.values():
+            env = p.environment
+            if not env:
+                env = []
+            elif not isinstance(env, list):
+                env = [env]
+            p.environment = env + [{"DOWNLINK_TASK": mark}]
 
     def v2_playbook_on_task_start(self, task, is_conditional):
         self._emit("task_start", task=_bounded(task.get_name()))

@@ -228,6 +228,19 @@ impl Hosts {
             .collect()
     }
 
+    /// Nodes not found unreachable: those the task may have started processes on.
+    pub fn reachable(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|h| {
+                self.by_host
+                    .get(*h)
+                    .is_some_and(|t| t.counters.unreachable == 0)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Whether ansible's final stats (its PLAY RECAP) have arrived: the run reached its end.
     pub fn has_final_stats(&self) -> bool {
         self.stats_seen

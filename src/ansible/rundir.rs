@@ -12,7 +12,9 @@
 //!                     events.jsonl        written by the callback plugin
 //!                     output.log          ansible's own output (stdout and stderr)
 //!                     end.json            the verdict, written just before it is sent to the database
-//!                     cp/ tmp/            SSH control sockets and ansible's local temp files
+//!                     remote-mark         the task's mark on its nodes (DOWNLINK_TASK=<mark>)
+//!                     tmp/                ansible's local temp files
+//! <root>/.cp/                          the agent's SSH control sockets (exec::connections)
 //! ```
 
 use std::fs;
@@ -27,6 +29,7 @@ use serde_json::{json, Map, Value};
 
 use super::playbook::{classify, Shape, TASK_LIST_WRAPPER};
 use super::{CALLBACK_NAME, CALLBACK_PLUGIN, TASK_MARK_VAR};
+use crate::exec::cgroup::TaskCgroup;
 use crate::settings::Settings;
 
 /// Files of one task's run directory.
@@ -56,6 +59,11 @@ impl RunDir {
     /// The verdict file (see `task::EndFile`).
     pub fn verdict(&self) -> PathBuf {
         self.path.join("end.json")
+    }
+
+    /// The file holding the task's mark on its nodes.
+    pub fn remote_mark(&self) -> PathBuf {
+        self.path.join("remote-mark")
     }
 
     /// The value of the task's process marker.
@@ -105,12 +113,21 @@ pub fn install(root: &Path, run_as: Option<&RunAs>) -> io::Result<PathBuf> {
     let plugins = root.join(".plugins");
     fs::create_dir_all(&plugins)?;
     fs::create_dir_all(root.join(".ansible"))?;
+    let cp = control_dir(&root);
+    fs::create_dir_all(&cp)?;
+    fs::set_permissions(&cp, fs::Permissions::from_mode(0o700))?;
     fs::write(plugins.join(format!("{CALLBACK_NAME}.py")), CALLBACK_PLUGIN)?;
     if let Some(r) = run_as {
-        // ansible's home (caches, collections) must be the playbook user's.
+        // ansible's home (caches, collections) and the control sockets must be the playbook user's.
         chown(&root.join(".ansible"), Some(r.uid), Some(r.gid)).map_err(io::Error::from)?;
+        chown(&cp, Some(r.uid), Some(r.gid)).map_err(io::Error::from)?;
     }
     Ok(root)
+}
+
+/// The agent's SSH control-socket directory under its run-directory root.
+pub fn control_dir(root: &Path) -> PathBuf {
+    root.join(".cp")
 }
 
 /// What a run directory is made from.
@@ -124,13 +141,18 @@ pub struct Job<'a> {
 
 /// Writes the run directory of a task (replacing any left from an earlier database), owned by the
 /// `run_as` user if there is one; that user, resolved.
-pub fn prepare(settings: &Settings, dir: &RunDir, job: &Job<'_>) -> io::Result<Option<RunAs>> {
+pub fn prepare(
+    settings: &Settings,
+    dir: &RunDir,
+    job: &Job<'_>,
+    mark: &str,
+) -> io::Result<Option<RunAs>> {
     let run_as = run_as(settings)?;
     if dir.path.exists() {
         fs::remove_dir_all(&dir.path)?;
     }
-    fs::create_dir_all(dir.path.join("cp"))?;
     fs::create_dir_all(dir.path.join("tmp"))?;
+    fs::write(dir.remote_mark(), mark)?;
     fs::write(
         dir.path.join("inventory.yml"),
         inventory(settings, job.nodes, job.remote_user).to_string(),
@@ -219,6 +241,8 @@ pub fn command(
     dir: &RunDir,
     forks: u32,
     run_as: Option<&RunAs>,
+    cgroup: Option<&TaskCgroup>,
+    mark: &str,
 ) -> io::Result<tokio::process::Command> {
     let output = fs::OpenOptions::new().append(true).open(dir.output())?;
     let mut cmd = tokio::process::Command::new(&settings.ansible_playbook);
@@ -242,18 +266,24 @@ pub fn command(
     }
     cmd.env("LANG", "C.UTF-8").env("LC_ALL", "C.UTF-8");
     if let Some(r) = run_as {
-        cmd.uid(r.uid.as_raw())
-            .gid(r.gid.as_raw())
-            .env("HOME", &r.home)
+        cmd.env("HOME", &r.home)
             .env("USER", &r.name)
             .env("LOGNAME", &r.name);
     }
+    // A task's ssh uses the agent's master when there is one and never starts its own
+    // (exec::connections); ControlPersist is named only so that ansible adds its ControlPath.
+    // An ANSIBLE_SSH_ARGS in ansible_env replaces this.
+    cmd.env(
+        "ANSIBLE_SSH_ARGS",
+        "-C -o ControlMaster=no -o ControlPersist=60s",
+    );
     cmd.envs(&settings.ansible_env);
     let path = |p: PathBuf| p.to_string_lossy().into_owned();
     cmd.env("ANSIBLE_CALLBACK_PLUGINS", path(root.join(".plugins")))
         .env("ANSIBLE_CALLBACKS_ENABLED", CALLBACK_NAME)
         .env("ANSIBLE_HOME", path(root.join(".ansible")))
-        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", path(dir.path.join("cp")))
+        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", path(control_dir(root)))
+        .env("DOWNLINK_REMOTE_MARK", mark)
         .env("ANSIBLE_LOCAL_TEMP", path(dir.path.join("tmp")))
         .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
         .env("ANSIBLE_NOCOLOR", "1")
@@ -263,9 +293,36 @@ pub fn command(
             settings.max_events_file_bytes.to_string(),
         )
         .env(TASK_MARK_VAR, dir.mark());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // In the child, before exec: a session of its own, the task's cgroup (joined while still
+    // privileged), then the run_as user. Everything is prepared here, before the fork: the closure
+    // only makes system calls.
+    let join = cgroup.map(TaskCgroup::join_files).unwrap_or_default();
+    let ids = run_as.map(|r| (r.uid, r.gid));
+    // SAFETY: the closure calls only async-signal-safe functions (setsid, open, write, close,
+    // setgroups, setgid, setuid) and allocates nothing.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
+        cmd.pre_exec(move || {
+            use nix::libc;
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            for file in &join {
+                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+            }
+            if let Some((uid, gid)) = ids {
+                nix::unistd::setgroups(&[gid])?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+            }
+            Ok(())
+        });
     }
     Ok(cmd)
 }

@@ -61,8 +61,6 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-/// The agent name of test servers (their run directories are `<run_dir>/test-agent/<id>`).
-pub const TEST_AGENT: &str = "test-agent";
 
 /// The run directory of task `id` of a server with these settings.
 pub fn task_dir(settings: &Settings, id: i64) -> PathBuf {
@@ -85,7 +83,9 @@ pub fn test_settings(dir: &Path) -> Settings {
     s.ssh_common_args = "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no".into();
     s.ansible_python_interpreter = "/usr/bin/python3".into();
     s.run_dir = dir.join("runs");
-    s.agent_name = TEST_AGENT.into();
+    // Unique per test server: an agent's name is its identity on the machine (it names its
+    // cgroups), and tests run many servers side by side.
+    s.agent_name = unique("test-agent");
     s.stop_grace_secs = 5;
     s.workers = 2;
     s.log_level = "warning".into();
@@ -526,9 +526,12 @@ pub fn run_body(name: &str, nodes: &[&str], tasks: &str) -> Value {
     })
 }
 
-/// Live processes of a task: those carrying its marker in their environment.
+/// Live processes of a task, as the tests' own /proc reader sees them (`procwatch`).
 pub fn task_processes(run_dir: &Path) -> Vec<i32> {
-    downlink::procs::marked(&run_dir.to_string_lossy())
+    crate::procwatch::of_task(run_dir)
+        .into_iter()
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// PLAY RECAP counters of an output.log: host -> (ok, changed, unreachable, failed, skipped,

@@ -10,5 +10,6 @@ mod fuzz;
 pub mod harness;
 mod hostile;
 mod limits;
+pub mod procwatch;
 mod recovery;
 mod writer;

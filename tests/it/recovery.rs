@@ -9,8 +9,9 @@ use serde_json::json;
 use crate::both_backends;
 use crate::harness::{
     run_body, task_dir, task_processes, test_settings, BinServer, DbView, TempDir, TestDb,
-    TestServer, DEAD, HOSTS, TEST_AGENT,
+    TestServer, DEAD, HOSTS,
 };
+use crate::procwatch;
 use downlink::store::{self, HostRow, Task};
 
 /// What a task's outcome is, without times: status, err, exit code, host results and counters.
@@ -80,7 +81,10 @@ fn crash_tasks() -> Vec<(&'static str, Vec<&'static str>, &'static str)> {
     ]
 }
 
-both_backends!(kill_9_and_restart_end_every_task_as_without_a_crash);
+both_backends!(
+    a_time_limit_and_a_normal_end_leave_nothing_here_or_on_the_nodes,
+    kill_9_and_restart_end_every_task_as_without_a_crash
+);
 
 fn kill_9_and_restart_end_every_task_as_without_a_crash(backend: crate::harness::Backend) {
     // The reference: the same tasks on a server that does not crash.
@@ -189,7 +193,7 @@ fn sigterm_exits_at_once_and_the_next_start_adopts() {
     let waited = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let t = store::tasks_with_status(&mut view.conn(), TEST_AGENT, &[2]).unwrap();
+            let t = store::tasks_with_status(&mut view.conn(), &settings.agent_name, &[2]).unwrap();
             if let Some(t) = t.iter().find(|t| t.name == "waited") {
                 break t.id;
             }
@@ -253,58 +257,112 @@ fn sigterm_with_stop_tasks_on_shutdown_stops_them() {
     assert!(task_processes(&task_dir(&settings, id)).is_empty());
 }
 
+/// A task that holds SSH connections to the three hosts, with a backgrounded process and a long
+/// command on each node, both named by `token` so they can be found on the machine.
+fn holding(token: &str) -> String {
+    format!(
+        "- shell: nohup sleep {token}1 > /dev/null 2>&1 &\n- command: sleep {token}2\n- ping:\n"
+    )
+}
+
+/// Waits until `n` processes with `token` in their command line run.
+fn wait_for_token(token: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while procwatch::with_token(token).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{token}: {n} processes never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn twenty_stops_leave_no_process_of_the_task() {
+fn twenty_stops_leave_nothing_here_or_on_the_nodes() {
     let server = TestServer::start(crate::harness::Backend::Sqlite);
-    let mut left = 0;
-    let mut detached_masters = 0;
+    let control = server.run_dir(0).parent().unwrap().join(".cp");
+    let (mut local_left, mut remote_left, mut local_seen) = (0, 0, 0);
+    let mut stop_ms = Vec::new();
     for i in 0..20 {
         let name = format!("stop-{i}");
-        let id = server.run(run_body(&name, &HOSTS, VICTIM));
-        server.wait_status(id, &[2], 30);
+        // sleep 71xx1 (backgrounded with nohup) and sleep 71xx2, on each of the three nodes.
+        let token = format!("71{i:02}");
+        let id = server.run(run_body(&name, &HOSTS, &holding(&token)));
+        wait_for_token(&format!("sleep {token}2"), 3);
         let dir = server.run_dir(id);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let leader = loop {
-            let t = server.task(id);
-            let pids = task_processes(&dir);
-            let ssh: Vec<i32> = pids.iter().copied().filter(|p| comm(*p) == "ssh").collect();
-            if ssh.len() >= 3 {
-                break t.pid.unwrap();
-            }
-            assert!(Instant::now() < deadline, "no SSH connections after 30 s");
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        // ControlPersist masters leave the task's session: the marker still finds them.
-        detached_masters += task_processes(&dir)
-            .into_iter()
-            .filter(|p| session(*p) != Some(leader))
-            .count();
+        let local = procwatch::of_task(&dir);
+        local_seen += local.len();
+        let remote = procwatch::with_token(&format!("sleep {token}"));
+        assert_eq!(remote.len(), 6, "{remote:?}");
+        let t = Instant::now();
         server.call("/api/stop", json!({"id": id, "name": name}));
-        left += task_processes(&dir).len();
+        stop_ms.push(t.elapsed().as_millis());
+        local_left += procwatch::still_alive(&local).len() + procwatch::of_task(&dir).len();
+        remote_left += procwatch::still_alive(&remote).len();
         assert_eq!(server.task(id).status, 5);
+        let hosts = server.hosts(id);
+        assert!(
+            hosts
+                .iter()
+                .all(|h| h.result.as_deref() == Some("stopped") && h.msg.is_none()),
+            "{hosts:?}"
+        );
     }
-    crate::harness::figure("processes_left_after_20_stops", left);
-    crate::harness::figure("detached_ssh_masters_seen_in_20_stops", detached_masters);
-    assert_eq!(left, 0);
+    stop_ms.sort_unstable();
+    crate::harness::figure("processes_left_here_after_20_stops", local_left);
+    crate::harness::figure("processes_left_on_the_nodes_after_20_stops", remote_left);
+    crate::harness::figure("task_processes_seen_here_before_the_stops", local_seen);
+    crate::harness::figure("stop_answer_ms_median", stop_ms[stop_ms.len() / 2]);
+    assert_eq!((local_left, remote_left), (0, 0));
     assert!(
-        detached_masters > 0,
-        "the test never saw a detached SSH master"
+        local_seen >= 20 * 4,
+        "the test saw the tasks' processes: {local_seen}"
     );
+    // The warm connections are the agent's: at most one master per host, and they are still up.
+    let masters = procwatch::masters_under(&control);
+    assert!(masters.values().all(|&n| n == 1), "{masters:?}");
+    assert_eq!(masters.len(), 3, "{masters:?}");
 }
 
-fn comm(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn session(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()
+fn a_time_limit_and_a_normal_end_leave_nothing_here_or_on_the_nodes(
+    backend: crate::harness::Backend,
+) {
+    let server = TestServer::start_with(backend, |s| s.task_time_limit_secs = 4);
+    let token = format!("72{}", backend as u8);
+    let id = server.run(run_body("over-time", &HOSTS, &holding(&token)));
+    wait_for_token(&format!("sleep {token}2"), 3);
+    let local = procwatch::of_task(&server.run_dir(id));
+    let remote = procwatch::with_token(&format!("sleep {token}"));
+    let task = server.wait_end(id, 60);
+    assert_eq!(task.status, 6);
+    assert!(procwatch::still_alive(&local).is_empty());
+    assert!(
+        procwatch::with_token(&format!("sleep {token}")).is_empty(),
+        "{remote:?} left on the nodes"
+    );
+    assert!(server
+        .hosts(id)
+        .iter()
+        .all(|h| h.result.as_deref() == Some("timeout")));
+    // What the cgroup measured is recorded.
+    assert!(task.cpu_usec.is_some_and(|c| c > 0), "{:?}", task.cpu_usec);
+    // A normal end empties the task too (its own processes; the agent's masters stay warm).
+    let id = server.run(run_body("normal", &HOSTS, "- command: sleep 1\n- ping:\n"));
+    server.wait_status(id, &[2], 30);
+    let mut seen = Vec::new();
+    let dir = server.run_dir(id);
+    while server.task(id).status == 2 {
+        seen.extend(procwatch::of_task(&dir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.task(id).status, 4);
+    assert!(!seen.is_empty());
+    assert!(
+        procwatch::still_alive(&seen).is_empty(),
+        "{:?}",
+        procwatch::still_alive(&seen)
+    );
+    assert!(procwatch::of_task(&dir).is_empty());
 }
 
 #[test]
@@ -371,13 +429,13 @@ fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
     let mut other = BinServer::start_in(&other_settings, &dir.0, &cwd_b);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!((view.task(kept).status, view.task(lost).status), (2, 2));
-    assert_eq!(view.task(kept).agent.as_deref(), Some(TEST_AGENT));
+    assert_eq!(view.task(kept).agent.as_deref(), Some(settings.agent_name.as_str()));
     other.signal(Signal::SIGTERM);
     other.wait_exit(20);
     // One task's process and run directory are gone for good.
     let lost_pid = view.task(lost).pid.expect("pid recorded");
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(lost_pid), Signal::SIGKILL).unwrap();
-    let root_a = cwd_a.join("runs").join(TEST_AGENT).canonicalize().unwrap();
+    let root_a = cwd_a.join("runs").join(&settings.agent_name).canonicalize().unwrap();
     std::fs::remove_dir_all(root_a.join(lost.to_string())).unwrap();
     // The same agent, started from elsewhere: it adopts what it finds where the task ran and ends
     // what it cannot find anywhere, saying where it looked.
@@ -386,7 +444,7 @@ fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
     assert_eq!(kept_task.status, 4, "{:?}", kept_task.err);
     let lost_task = view.wait_end(lost, 30);
     assert_eq!(lost_task.status, 7);
-    let root_b = cwd_b.join("runs").join(TEST_AGENT).canonicalize().unwrap();
+    let root_b = cwd_b.join("runs").join(&settings.agent_name).canonicalize().unwrap();
     assert_eq!(
         lost_task.err,
         Some(format!(

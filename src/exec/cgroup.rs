@@ -1,0 +1,278 @@
+//! A task is a cgroup: every process it starts, however it detaches (new sessions, double forks,
+//! SSH ControlPersist masters that rewrite their own environment), stays in the cgroup v2 its
+//! `ansible-playbook` joined before `exec`, so it is found and killed without guessing.
+//!
+//! The hierarchy is found in `/proc/self/mountinfo` (`cgroup2`: `/sys/fs/cgroup` on a unified
+//! host, `/sys/fs/cgroup/unified` on a hybrid one). Task cgroups live under
+//! `<mount>/<cgroup_parent>/<agent_name>/<task id>`; with `cgroup_parent = ""` the parent is the
+//! agent's own cgroup when it runs under systemd with `Delegate=yes` (`…/downlink.service`), else
+//! `downlink` at the top. CPU time comes from `cpu.stat`; peak memory from `memory.peak` where the
+//! v2 memory controller is on, or, on a hybrid host whose memory controller is still on v1, from a
+//! v1 memory cgroup of the same name joined at the same time (`memory.max_usage_in_bytes`).
+//!
+//! Blocking (it reads and writes cgroupfs): call it off the async threads.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+
+pub use crate::store::Usage;
+use nix::unistd::Pid;
+
+/// Where task cgroups are made, once found writable.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    /// `<mount>/<parent>/<agent>`: the task cgroups' parent.
+    base: PathBuf,
+    /// The same place in a v1 memory hierarchy, for peak memory on a hybrid host.
+    memory_v1: Option<PathBuf>,
+}
+
+/// The cgroup of one task.
+#[derive(Debug, Clone)]
+pub struct TaskCgroup {
+    pub path: PathBuf,
+    memory_v1: Option<PathBuf>,
+}
+
+/// The `cgroup2` mount point, from a mountinfo text.
+fn v2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// A v1 hierarchy with the memory controller, from a mountinfo text.
+fn v1_memory_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        let fstype = r.next()?;
+        let options = r.nth(1)?;
+        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// This process's cgroup path in the v2 hierarchy (`0::/path`) and in the v1 memory one.
+fn own_paths(proc_cgroup: &str) -> (Option<String>, Option<String>) {
+    let mut v2 = None;
+    let mut mem = None;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path.to_owned());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            mem = Some(path.to_owned());
+        }
+    }
+    (v2, mem)
+}
+
+fn under(mount: &Path, cgroup_path: &str) -> PathBuf {
+    mount.join(cgroup_path.trim_start_matches('/'))
+}
+
+impl Cgroups {
+    /// Finds a writable cgroup v2 hierarchy and makes the agent's parent in it; why not, if none.
+    pub fn detect(parent: &str, agent: &str) -> Result<Cgroups, String> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+        let mount = v2_mount(&mountinfo).ok_or("no cgroup2 file system is mounted")?;
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let (own_v2, own_mem) = own_paths(&own);
+        // Under systemd with Delegate=yes the unit's own cgroup is ours to divide.
+        let delegated = own_v2
+            .as_deref()
+            .filter(|p| p.ends_with(".service") && parent.is_empty());
+        let rel = match delegated {
+            Some(own) => format!("{own}/tasks"),
+            None if parent.is_empty() => "downlink".to_owned(),
+            None => parent.trim_matches('/').to_owned(),
+        };
+        let base = under(&mount, &rel).join(agent);
+        fs::create_dir_all(&base)
+            .map_err(|e| format!("cannot create cgroup {}: {e}", base.display()))?;
+        // Probe: a task cgroup must be creatable and joinable.
+        let probe = base.join(format!(".probe-{}", std::process::id()));
+        fs::create_dir(&probe)
+            .and_then(|_| fs::remove_dir(&probe))
+            .map_err(|e| format!("cannot create a task cgroup under {}: {e}", base.display()))?;
+        // Memory and CPU controllers for the task cgroups, where the hierarchy offers them.
+        for dir in [base.parent().unwrap_or(&base), &base] {
+            let _ = fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu");
+        }
+        let v2_memory = fs::read_to_string(base.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let memory_v1 = if v2_memory {
+            None
+        } else {
+            v1_memory_mount(&mountinfo).and_then(|m| {
+                let rel = own_mem.filter(|_| delegated.is_none()).unwrap_or_default();
+                let dir = under(&m, &rel).join("downlink-tasks").join(agent);
+                fs::create_dir_all(&dir).ok().map(|_| dir)
+            })
+        };
+        Ok(Cgroups { base, memory_v1 })
+    }
+
+    /// A description for the start-up log and `/readyz`.
+    pub fn describe(&self) -> String {
+        match &self.memory_v1 {
+            None => format!("cgroup v2 under {}", self.base.display()),
+            Some(m) => format!(
+                "cgroup v2 under {} (peak memory from the v1 memory cgroup {})",
+                self.base.display(),
+                m.display()
+            ),
+        }
+    }
+
+    /// The cgroup of task `id`, created if it does not exist (it does for an adopted task).
+    pub fn task(&self, id: i64) -> io::Result<TaskCgroup> {
+        let path = self.base.join(id.to_string());
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let memory_v1 = self.memory_v1.as_ref().and_then(|m| {
+            let dir = m.join(id.to_string());
+            match fs::create_dir(&dir) {
+                Ok(()) => Some(dir),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Some(dir),
+                Err(_) => None,
+            }
+        });
+        Ok(TaskCgroup { path, memory_v1 })
+    }
+}
+
+impl TaskCgroup {
+    /// The `cgroup.procs` files a child writes `0` into before `exec`, to join the task.
+    pub fn join_files(&self) -> Vec<CString> {
+        std::iter::once(self.path.join("cgroup.procs"))
+            .chain(self.memory_v1.iter().map(|m| m.join("cgroup.procs")))
+            .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+            .collect()
+    }
+
+    /// Pids of the processes in the cgroup now.
+    pub fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Sends `signal` to every process of the task.
+    pub fn signal(&self, signal: Signal) {
+        for pid in self.pids() {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Kills every process of the task at once (`cgroup.kill`, or SIGKILL to each where the
+    /// kernel has no `cgroup.kill`).
+    pub fn kill(&self) {
+        if fs::write(self.path.join("cgroup.kill"), "1").is_err() {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+
+    /// Whether any process is still in the cgroup (`cgroup.events`: `populated`).
+    pub fn populated(&self) -> bool {
+        match fs::read_to_string(self.path.join("cgroup.events")) {
+            Ok(events) => events.lines().any(|l| l == "populated 1"),
+            Err(_) => !self.pids().is_empty(),
+        }
+    }
+
+    /// Kills what is left and waits until the cgroup is empty (at most `limit`): whether it is,
+    /// and every pid seen in it meanwhile (for the caller to reap those that became its children).
+    pub fn empty(&self, limit: Duration) -> (bool, Vec<i32>) {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            if !self.populated() {
+                return (true, seen);
+            }
+            seen.extend(self.pids());
+            self.kill();
+            if Instant::now() >= deadline {
+                return (false, seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What the cgroup measured.
+    pub fn usage(&self) -> Usage {
+        let cpu_usec = fs::read_to_string(self.path.join("cpu.stat"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse().ok())
+            });
+        let memory_peak_bytes = fs::read_to_string(self.path.join("memory.peak"))
+            .ok()
+            .or_else(|| {
+                self.memory_v1
+                    .as_ref()
+                    .and_then(|m| fs::read_to_string(m.join("memory.max_usage_in_bytes")).ok())
+            })
+            .and_then(|v| v.trim().parse().ok());
+        Usage {
+            cpu_usec,
+            memory_peak_bytes,
+        }
+    }
+
+    /// Removes the (empty) cgroup.
+    pub fn remove(&self) {
+        let _ = fs::remove_dir(&self.path);
+        if let Some(m) = &self.memory_v1 {
+            let _ = fs::remove_dir(m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 24 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+44 31 0:41 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+";
+
+    #[test]
+    fn finds_the_hierarchies_and_own_paths() {
+        assert_eq!(
+            v2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            v1_memory_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        let (v2, mem) =
+            own_paths("4:memory:/process_api/x\n1:cpu:/\n0::/system.slice/downlink.service\n");
+        assert_eq!(v2.as_deref(), Some("/system.slice/downlink.service"));
+        assert_eq!(mem.as_deref(), Some("/process_api/x"));
+    }
+}
