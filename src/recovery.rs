@@ -25,8 +25,8 @@ use crate::db::DbConnection;
 use crate::persistence::MarkRunning;
 use crate::status::Status;
 use crate::store::{self, Finish, StoreError, Task};
-use crate::supervisor::TaskSpec;
 use crate::task::read_end_file;
+use crate::task::TaskSpec;
 use crate::{procs, time};
 
 /// A task an earlier server left running (or started without recording it), to adopt.

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use serde_json::{Map, Value};
 use slog::{error, info, o, warn, Logger};
 use tokio::sync::oneshot;
 
@@ -32,46 +31,9 @@ use crate::persistence::{FinishTask, MarkRunning, Persistence, Repair, Truth};
 use crate::recovery::Plan;
 use crate::settings::Settings;
 use crate::status::Status;
-use crate::store::{Finish, Task};
-use crate::task::{EndFile, Kill, Origin, TaskActor};
+use crate::store::Finish;
+use crate::task::{timeout_err, EndFile, Kill, Origin, TaskActor, TaskReport, TaskSpec};
 use crate::time;
-
-/// Everything needed to run a stored task.
-#[derive(Debug, Clone)]
-pub struct TaskSpec {
-    pub id: i64,
-    pub name: String,
-    pub nodes: Vec<String>,
-    pub remote_user: String,
-    pub content: String,
-    pub params: Map<String, Value>,
-    pub forks: u32,
-    pub correlation_id: String,
-    pub source: String,
-}
-
-impl TaskSpec {
-    /// The spec of a stored task (after a restart).
-    pub fn from_row(task: &Task) -> Result<TaskSpec, String> {
-        let nodes: Vec<String> =
-            serde_json::from_str(&task.nodes).map_err(|e| format!("nodes: {e}"))?;
-        // `null`: not stored (store_params = false); an adopted task no longer needs them.
-        let params: Option<Map<String, Value>> =
-            serde_json::from_str(&task.params).map_err(|e| format!("params: {e}"))?;
-        let params = params.unwrap_or_default();
-        Ok(TaskSpec {
-            id: task.id,
-            name: task.name.clone(),
-            nodes,
-            remote_user: task.remote_user.clone(),
-            content: task.content.clone(),
-            params,
-            forks: u32::try_from(task.forks).unwrap_or(1).max(1),
-            correlation_id: task.correlation_id.clone(),
-            source: task.source.clone(),
-        })
-    }
-}
 
 /// Places in the pending queue. A handler takes one before it stores a task and the supervisor
 /// gives it back when the task leaves the queue, so a full queue refuses a task before anything
@@ -223,7 +185,7 @@ impl TaskSupervisor {
             self.run_root.clone(),
             dir,
             self.persistence.clone(),
-            ctx.address(),
+            ctx.address().recipient(),
             self.shutting_down.clone(),
             self.exec.clone(),
             log,
@@ -252,6 +214,32 @@ impl TaskSupervisor {
         }
         self.wake(id);
         self.admit(ctx);
+    }
+
+    /// A TaskActor went away without recording an end (its code panicked): end its task here.
+    fn lost(&mut self, id: i64, killed: bool, ctx: &mut Context<Self>) {
+        let Some(running) = self.running.get(&id) else {
+            return;
+        };
+        error!(self.log, "the actor of a task stopped unexpectedly; ending the task"; "task_id" => id);
+        let err = format!(
+            "downlink's supervision of this task failed unexpectedly (an internal error, see the server log){}",
+            if killed { "; ansible-playbook was killed" } else { "" }
+        );
+        let fin = Finish {
+            id,
+            status: Status::Interrupted,
+            err: Some(err),
+            exit_code: None,
+            ended_at: time::now(),
+            hosts: Hosts::new(&running.nodes).finish(Ending::Interrupted),
+            usage: Default::default(),
+        };
+        let sent = self.persistence.send(FinishTask(fin.clone()));
+        ctx.spawn(sent.into_actor(self).map(move |res, act, ctx| {
+            let unrecorded = (!matches!(res, Ok(Ok(_)))).then_some(fin);
+            act.ended(id, unrecorded, ctx);
+        }));
     }
 
     /// Hands what this supervisor knows to Persistence, which repairs the rows that are behind.
@@ -465,81 +453,24 @@ impl Handler<Settled> for TaskSupervisor {
     }
 }
 
-/// Sent by a TaskActor once its process started (the same record it sent to Persistence).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct TaskStarted(pub MarkRunning);
-
-impl Handler<TaskStarted> for TaskSupervisor {
+impl Handler<TaskReport> for TaskSupervisor {
     type Result = ();
-    fn handle(&mut self, msg: TaskStarted, _: &mut Context<Self>) {
-        if let Some(r) = self.running.get_mut(&msg.0.task_id) {
-            r.started = Some(msg.0);
+    fn handle(&mut self, msg: TaskReport, ctx: &mut Context<Self>) {
+        match msg {
+            TaskReport::Started(mark) => {
+                if let Some(r) = self.running.get_mut(&mark.task_id) {
+                    r.started = Some(mark);
+                }
+            }
+            TaskReport::Ended { id, unrecorded } => self.ended(id, unrecorded, ctx),
+            TaskReport::Lost { id, killed } => self.lost(id, killed, ctx),
         }
-    }
-}
-
-/// Sent by a TaskActor's guard when the actor went away without recording an end (its code
-/// panicked); `killed` if the task's process group was killed then.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct TaskLost {
-    pub id: i64,
-    pub killed: bool,
-}
-
-impl Handler<TaskLost> for TaskSupervisor {
-    type Result = ();
-    fn handle(&mut self, msg: TaskLost, ctx: &mut Context<Self>) {
-        let Some(running) = self.running.get(&msg.id) else {
-            return;
-        };
-        error!(self.log, "the actor of a task stopped unexpectedly; ending the task"; "task_id" => msg.id);
-        let err = format!(
-            "downlink's supervision of this task failed unexpectedly (an internal error, see the server log){}",
-            if msg.killed { "; ansible-playbook was killed" } else { "" }
-        );
-        let fin = Finish {
-            id: msg.id,
-            status: Status::Interrupted,
-            err: Some(err),
-            exit_code: None,
-            ended_at: time::now(),
-            hosts: Hosts::new(&running.nodes).finish(Ending::Interrupted),
-            usage: Default::default(),
-        };
-        let sent = self.persistence.send(FinishTask(fin.clone()));
-        ctx.spawn(sent.into_actor(self).map(move |res, act, ctx| {
-            let unrecorded = (!matches!(res, Ok(Ok(_)))).then_some(fin);
-            act.ended(msg.id, unrecorded, ctx);
-        }));
-    }
-}
-
-/// Sent by a TaskActor at its end: frees its forks and wakes its waiters. `unrecorded` is the end
-/// the database did not take (kept and written by the reconciler).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct TaskEnded {
-    pub id: i64,
-    pub unrecorded: Option<Finish>,
-}
-
-impl Handler<TaskEnded> for TaskSupervisor {
-    type Result = ();
-    fn handle(&mut self, msg: TaskEnded, ctx: &mut Context<Self>) {
-        self.ended(msg.id, msg.unrecorded, ctx);
     }
 }
 
 /// `err` of a stopped task.
 pub fn stop_err() -> String {
     "stopped through /api/stop".to_owned()
-}
-
-/// `err` of a task killed at its time limit.
-pub fn timeout_err(secs: u64) -> String {
-    format!("killed after running past its time limit of {secs} s")
 }
 
 /// At start: carry out the recovery plan (see `recovery`): record the ends it decided, adopt what
@@ -625,7 +556,9 @@ impl Handler<Close> for TaskSupervisor {
         self.shutting_down.store(true, Ordering::SeqCst);
         let connections = self.exec.connections.clone();
         if !msg.stop_tasks {
-            connections.do_send(CloseAll);
+            connections.do_send(CloseAll {
+                tasks_left: !self.running.is_empty(),
+            });
             return Box::pin(async {});
         }
         let ids: Vec<i64> = self.running.keys().copied().collect();
@@ -643,7 +576,7 @@ impl Handler<Close> for TaskSupervisor {
             for rx in ends {
                 let _ = rx.await;
             }
-            let _ = connections.send(CloseAll).await;
+            let _ = connections.send(CloseAll { tasks_left: false }).await;
         })
     }
 }

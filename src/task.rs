@@ -29,24 +29,79 @@ use actix::prelude::*;
 use chrono::NaiveDateTime;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 use slog::{error, info, warn, Logger};
 
 use crate::ansible::events::{parse_line, Ending, Event, Hosts};
 use crate::ansible::rundir::{self, Job, RunDir};
 use crate::ansible::tail::{self, Chunk, EventTail, Piece};
 use crate::exec::cgroup::TaskCgroup;
-use crate::exec::connections::{self, Acquire, Release};
+use crate::exec::connections::{self, Acquire};
 use crate::exec::remote::{self, Cleaned};
 use crate::exec::Exec;
 use crate::persistence::{FinishTask, MarkRunning, Persistence, SaveProgress};
 use crate::procs;
 use crate::settings::Settings;
 use crate::status::Status;
-use crate::store::{Finish, HostState, NewEvent, Usage};
-use crate::supervisor::{timeout_err, TaskEnded, TaskLost, TaskSpec, TaskStarted, TaskSupervisor};
+use crate::store::{Finish, HostState, NewEvent, Task, Usage};
 use crate::{clean, time};
 use verdict::{verdict, Exit, Verdict};
+
+/// Everything needed to run a stored task.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    pub id: i64,
+    pub name: String,
+    pub nodes: Vec<String>,
+    pub remote_user: String,
+    pub content: String,
+    pub params: Map<String, Value>,
+    pub forks: u32,
+    pub correlation_id: String,
+    pub source: String,
+}
+
+impl TaskSpec {
+    /// The spec of a stored task (after a restart).
+    pub fn from_row(task: &Task) -> Result<TaskSpec, String> {
+        let nodes: Vec<String> =
+            serde_json::from_str(&task.nodes).map_err(|e| format!("nodes: {e}"))?;
+        // `null`: not stored (store_params = false); an adopted task no longer needs them.
+        let params: Option<Map<String, Value>> =
+            serde_json::from_str(&task.params).map_err(|e| format!("params: {e}"))?;
+        let params = params.unwrap_or_default();
+        Ok(TaskSpec {
+            id: task.id,
+            name: task.name.clone(),
+            nodes,
+            remote_user: task.remote_user.clone(),
+            content: task.content.clone(),
+            params,
+            forks: u32::try_from(task.forks).unwrap_or(1).max(1),
+            correlation_id: task.correlation_id.clone(),
+            source: task.source.clone(),
+        })
+    }
+}
+
+/// `err` of a task killed at its time limit.
+pub fn timeout_err(secs: u64) -> String {
+    format!("killed after running past its time limit of {secs} s")
+}
+
+/// What a TaskActor tells its supervisor (through a `Recipient`, so this module does not depend
+/// on the supervisor's).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum TaskReport {
+    /// Its process started (the same record it sent to Persistence).
+    Started(MarkRunning),
+    /// It ended; `unrecorded` is the end the database did not take (the reconciler writes it).
+    Ended { id: i64, unrecorded: Option<Finish> },
+    /// The actor went away without recording an end (its code panicked); `killed` if the task's
+    /// process group was killed then.
+    Lost { id: i64, killed: bool },
+}
 
 /// How often the events file is read (and an adopted process checked) while the task runs.
 const POLL: Duration = Duration::from_millis(200);
@@ -127,7 +182,7 @@ pub fn read_end_file(dir: &RunDir) -> Option<EndFile> {
 /// process is left to the next start, which adopts it.
 struct Guard {
     id: i64,
-    supervisor: Addr<TaskSupervisor>,
+    supervisor: Recipient<TaskReport>,
     pgid: Option<i32>,
     armed: bool,
     shutting_down: Arc<AtomicBool>,
@@ -141,7 +196,7 @@ impl Drop for Guard {
         if let Some(pgid) = self.pgid {
             procs::signal_group(pgid, Signal::SIGKILL);
         }
-        self.supervisor.do_send(TaskLost {
+        self.supervisor.do_send(TaskReport::Lost {
             id: self.id,
             killed: self.pgid.is_some(),
         });
@@ -160,7 +215,7 @@ pub struct TaskActor {
     run_root: PathBuf,
     dir: RunDir,
     persistence: Addr<Persistence>,
-    supervisor: Addr<TaskSupervisor>,
+    supervisor: Recipient<TaskReport>,
     log: Logger,
     hosts: Hosts,
     /// Process (and group, and session) id once started.
@@ -188,8 +243,6 @@ pub struct TaskActor {
     cgroup: Option<TaskCgroup>,
     /// The task's mark on its nodes (`DOWNLINK_TASK`), once known.
     mark: Option<String>,
-    /// Masters taken from the connections actor, to give back at the end.
-    acquired: bool,
 }
 
 impl TaskActor {
@@ -204,7 +257,7 @@ impl TaskActor {
         run_root: PathBuf,
         dir: RunDir,
         persistence: Addr<Persistence>,
-        supervisor: Addr<TaskSupervisor>,
+        supervisor: Recipient<TaskReport>,
         shutting_down: Arc<AtomicBool>,
         exec: Exec,
         log: Logger,
@@ -241,7 +294,6 @@ impl TaskActor {
             exec,
             cgroup: None,
             mark: None,
-            acquired: false,
         }
     }
 
@@ -589,7 +641,6 @@ impl TaskActor {
             act.output_cut += cut;
             act.set_pgid(None);
             act.recorded = recorded;
-            act.release_connections();
             // After a stop or a time limit, the work the task started on its nodes goes too.
             let clean = act.kill.is_some() && act.recorded.is_none();
             match (clean, act.mark.clone()) {
@@ -632,15 +683,6 @@ impl TaskActor {
                 options: options.clone(),
             })
             .collect()
-    }
-
-    fn release_connections(&mut self) {
-        if std::mem::take(&mut self.acquired) {
-            self.exec.connections.do_send(Release {
-                user: self.spec.remote_user.clone(),
-                hosts: self.spec.nodes.clone(),
-            });
-        }
     }
 
     fn record_end(
@@ -710,7 +752,7 @@ impl TaskActor {
                 }
             };
             act.guard.armed = false;
-            act.supervisor.do_send(TaskEnded {
+            act.supervisor.do_send(TaskReport::Ended {
                 id: act.spec.id,
                 unrecorded,
             });
@@ -769,7 +811,6 @@ impl TaskActor {
             })?;
             Ok::<_, String>((child, cgroup))
         };
-        self.acquired = true;
         ctx.wait(
             prepare
                 .into_actor(self)
@@ -806,7 +847,7 @@ impl TaskActor {
             instance: self.run_root.to_string_lossy().into_owned(),
             forks: self.spec.forks,
         };
-        self.supervisor.do_send(TaskStarted(mark.clone()));
+        self.supervisor.do_send(TaskReport::Started(mark.clone()));
         self.persistence.do_send(mark);
         let wait = async move { child.wait().await };
         ctx.spawn(wait.into_actor(self).map(|status, act, ctx| match status {

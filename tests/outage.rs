@@ -2,12 +2,12 @@
 //! own because it takes PostgreSQL away from everything else (cargo runs test binaries one after
 //! another), and its tests hold a lock so they never overlap either.
 
-#[path = "it/procwatch.rs"]
-#[allow(dead_code)]
-mod procwatch;
 #[path = "it/harness.rs"]
 #[allow(dead_code)]
 mod harness;
+#[path = "it/procwatch.rs"]
+#[allow(dead_code)]
+mod procwatch;
 
 use std::process::Command;
 use std::sync::Mutex;

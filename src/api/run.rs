@@ -10,7 +10,8 @@ use super::{success, ApiError, ApiRequest, AppState, Caller};
 use crate::persistence::InsertTask;
 use crate::status::Status;
 use crate::store::NewTask;
-use crate::supervisor::{Enqueue, TaskSpec};
+use crate::supervisor::Enqueue;
+use crate::task::TaskSpec;
 use crate::time;
 
 /// POST /api/run

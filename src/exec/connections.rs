@@ -2,7 +2,8 @@
 //! master of their own (`ControlMaster=no`): the masters are downlink's, one per (remote user,
 //! host, port) — the key is the agent's — started outside every task's cgroup and process group,
 //! shared by consecutive and concurrent tasks, and closed when idle for `ssh_idle_secs`, when
-//! their connection dies (an unreachable node), and when the server stops for good. A stop kills
+//! their connection dies (an unreachable node), and when the server stops for good. They close
+//! themselves when idle (`ControlPersist`), so even a crashed agent leaks none for long. A stop kills
 //! the task's own multiplexed clients (they are in its cgroup) and never a master, so no other
 //! task loses its connection.
 //!
@@ -27,7 +28,7 @@ use crate::settings::Settings;
 /// How long a task waits for masters started for it before it starts anyway.
 const WARM_WAIT: Duration = Duration::from_millis(1500);
 /// How often idle and dead masters are looked for.
-const SWEEP: Duration = Duration::from_secs(2);
+const SWEEP: Duration = Duration::from_millis(500);
 
 /// One master's key: (remote user, host, port).
 type Key = (String, String, u16);
@@ -39,13 +40,11 @@ pub fn control_path(dir: &Path, host: &str, port: u16, user: &str) -> PathBuf {
     dir.join(&hex[..10])
 }
 
-struct Master {
+/// A master being started: the foreground ssh, which exits once the master is up (it daemonizes,
+/// `ControlPersist`) or has failed.
+struct Starting {
     child: tokio::process::Child,
     socket: PathBuf,
-    /// Tasks using it now.
-    users: u32,
-    /// Since when nobody uses it.
-    idle_since: Instant,
 }
 
 /// The connections actor.
@@ -54,7 +53,9 @@ pub struct Connections {
     dir: PathBuf,
     run_as: Option<RunAs>,
     log: Logger,
-    masters: HashMap<Key, Master>,
+    starting: HashMap<Key, Starting>,
+    /// Masters up, by key: the daemon's pid (reaped when it ends; the agent is its subreaper).
+    up: HashMap<Key, (PathBuf, Option<i32>)>,
 }
 
 impl Connections {
@@ -70,17 +71,20 @@ impl Connections {
             dir,
             run_as,
             log,
-            masters: HashMap::new(),
+            starting: HashMap::new(),
+            up: HashMap::new(),
         }
     }
 
-    /// The ssh command of a master for `key`.
+    /// The ssh command of a master for `key`: it authenticates, then goes to the background and
+    /// closes itself after `ssh_idle_secs` without clients, even if the agent is gone by then.
     fn master_command(&self, key: &Key, socket: &Path) -> tokio::process::Command {
         let (user, host, port) = key;
         let s = &self.settings;
         let mut cmd = tokio::process::Command::new("ssh");
-        cmd.args(["-M", "-N", "-C"])
-            .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=no"])
+        cmd.args(["-M", "-N", "-C", "-o", "ControlMaster=yes"])
+            .arg("-o")
+            .arg(format!("ControlPersist={}", s.ssh_idle_secs))
             .arg("-o")
             .arg(format!("ControlPath={}", socket.display()))
             .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
@@ -104,7 +108,7 @@ impl Connections {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .env_clear()
-            .kill_on_drop(false);
+            .kill_on_drop(true);
         for var in ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK"] {
             if let Ok(v) = std::env::var(var) {
                 cmd.env(var, v);
@@ -127,60 +131,84 @@ impl Connections {
         cmd
     }
 
-    /// Takes a master for each key (starting the missing ones); the sockets of new masters.
+    /// Starts the masters missing for these keys; the sockets to wait for.
     fn take(&mut self, keys: Vec<Key>) -> Vec<PathBuf> {
-        let mut starting = Vec::new();
+        let mut wait = Vec::new();
         for key in keys {
-            if let Some(m) = self.masters.get_mut(&key) {
-                m.users += 1;
+            let socket = control_path(&self.dir, &key.1, key.2, &key.0);
+            if self.starting.contains_key(&key) {
+                wait.push(socket);
                 continue;
             }
-            let socket = control_path(&self.dir, &key.1, key.2, &key.0);
-            // A socket left by an earlier run: told to stop taking new sessions (its own go on).
             if socket.exists() {
-                let _ = std::fs::remove_file(&socket);
+                continue;
             }
             match self.master_command(&key, &socket).spawn() {
                 Ok(child) => {
-                    debug!(self.log, "ssh master started"; "host" => &key.1, "user" => &key.0);
-                    starting.push(socket.clone());
-                    self.masters.insert(
-                        key,
-                        Master {
-                            child,
-                            socket,
-                            users: 1,
-                            idle_since: Instant::now(),
-                        },
-                    );
+                    debug!(self.log, "starting an ssh master"; "host" => &key.1, "user" => &key.0);
+                    wait.push(socket.clone());
+                    self.starting.insert(key, Starting { child, socket });
                 }
                 Err(e) => {
                     warn!(self.log, "cannot start an ssh master"; "host" => &key.1, "error" => %e)
                 }
             }
         }
-        starting
+        wait
     }
 
-    /// Ends masters that died (their node went away) or were idle too long.
+    /// Notes masters that came up or failed, and reaps those that ended (idle, or their node
+    /// went away).
     fn sweep(&mut self) {
-        let idle = Duration::from_secs(self.settings.ssh_idle_secs);
         let log = self.log.clone();
-        self.masters.retain(|key, m| {
-            if let Ok(Some(status)) = m.child.try_wait() {
-                info!(log, "ssh master ended (connection lost or refused)"; "host" => &key.1, "status" => %status);
-                let _ = std::fs::remove_file(&m.socket);
-                return false;
+        let mut came_up = Vec::new();
+        self.starting.retain(|key, st| match st.child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                if status.success() && st.socket.exists() {
+                    came_up.push((key.clone(), st.socket.clone()));
+                } else {
+                    info!(log, "an ssh master could not be started (its tasks connect directly)";
+                          "host" => &key.1, "status" => %status);
+                }
+                false
             }
-            if m.users == 0 && m.idle_since.elapsed() >= idle {
-                debug!(log, "closing an idle ssh master"; "host" => &key.1);
-                let _ = m.child.start_kill();
-                let _ = std::fs::remove_file(&m.socket);
-                return false;
+            Err(_) => false,
+        });
+        for (key, socket) in came_up {
+            let pid = master_pid(&socket, &key.1);
+            self.up.insert(key, (socket, pid));
+        }
+        self.up.retain(|key, (socket, pid)| {
+            if socket.exists() {
+                return true;
             }
-            true
+            debug!(log, "an ssh master ended"; "host" => &key.1);
+            if let Some(pid) = pid {
+                crate::procs::reap(&[*pid]);
+            }
+            false
         });
     }
+}
+
+/// The pid of the master listening on `socket` (`ssh -O check` says `Master running (pid=N)`).
+fn master_pid(socket: &Path, host: &str) -> Option<i32> {
+    let out = std::process::Command::new("ssh")
+        .args(["-O", "check", "-o"])
+        .arg(format!("ControlPath={}", socket.display()))
+        .arg(host)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let start = text.find("pid=")? + 4;
+    text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
 }
 
 /// ssh options from a settings string, split on white space (quotes group words).
@@ -220,8 +248,8 @@ impl Actor for Connections {
     }
 }
 
-/// Take masters for these nodes of a task (user, hosts); answers once new masters are up, or after
-/// a short wait (a task never waits long for a warm start).
+/// Make sure masters for these nodes of a task are up (starting the missing ones); answers once
+/// they are, or after a short wait (a task never waits long for a warm start).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Acquire {
@@ -238,36 +266,13 @@ impl Handler<Acquire> for Connections {
             .into_iter()
             .map(|h| (msg.user.clone(), h, port))
             .collect();
-        let starting = self.take(keys);
+        let wait = self.take(keys);
         Box::pin(async move {
             let deadline = Instant::now() + WARM_WAIT;
-            while Instant::now() < deadline && starting.iter().any(|s| !s.exists()) {
+            while Instant::now() < deadline && wait.iter().any(|s| !s.exists()) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
-    }
-}
-
-/// A task no longer uses its masters.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Release {
-    pub user: String,
-    pub hosts: Vec<String>,
-}
-
-impl Handler<Release> for Connections {
-    type Result = ();
-    fn handle(&mut self, msg: Release, _: &mut Context<Self>) {
-        let port = self.settings.ssh_port;
-        for host in msg.hosts {
-            if let Some(m) = self.masters.get_mut(&(msg.user.clone(), host, port)) {
-                m.users = m.users.saturating_sub(1);
-                if m.users == 0 {
-                    m.idle_since = Instant::now();
-                }
-            }
-        }
     }
 }
 
@@ -277,29 +282,34 @@ pub fn live_socket(dir: &Path, host: &str, port: u16, user: &str) -> Option<Path
     path.exists().then_some(path)
 }
 
-/// At shutdown: close masters nobody uses; tell the others to take no new sessions and end when
-/// their last one does (tasks left running go on, and later connect directly).
+/// At shutdown: with no task left running, close every master now; otherwise leave them to
+/// close themselves when idle (tasks left to the next start keep their sessions).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct CloseAll;
+pub struct CloseAll {
+    pub tasks_left: bool,
+}
 
 impl Handler<CloseAll> for Connections {
     type Result = ();
-    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) {
-        for (key, mut m) in self.masters.drain() {
-            if m.users == 0 {
-                let _ = m.child.start_kill();
-            } else {
-                let _ = std::process::Command::new("ssh")
-                    .args(["-O", "stop", "-o"])
-                    .arg(format!("ControlPath={}", m.socket.display()))
-                    .arg(&key.1)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+    fn handle(&mut self, msg: CloseAll, _: &mut Context<Self>) {
+        self.sweep();
+        if msg.tasks_left {
+            return;
+        }
+        for (key, (socket, pid)) in self.up.drain() {
+            let _ = std::process::Command::new("ssh")
+                .args(["-O", "exit", "-o"])
+                .arg(format!("ControlPath={}", socket.display()))
+                .arg(&key.1)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if let Some(pid) = pid {
+                std::thread::sleep(Duration::from_millis(20));
+                crate::procs::reap(&[pid]);
             }
-            let _ = std::fs::remove_file(&m.socket);
         }
     }
 }

@@ -61,7 +61,6 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-
 /// The run directory of task `id` of a server with these settings.
 pub fn task_dir(settings: &Settings, id: i64) -> PathBuf {
     settings

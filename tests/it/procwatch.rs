@@ -105,15 +105,26 @@ pub fn still_alive(procs: &[Proc]) -> Vec<Proc> {
         .collect()
 }
 
-/// SSH multiplexing masters whose control socket is under `dir`, per host (the last word of
-/// their command line).
+/// SSH multiplexing masters whose control socket is under `dir`, counted per socket: `ssh -M …
+/// -o ControlPath=<socket> …`, or `ssh: <socket> [mux]` once a ControlPersist master renamed
+/// itself in the background.
 pub fn masters_under(dir: &Path) -> HashMap<String, usize> {
-    let needle = format!("ControlPath={}", dir.display());
+    let named = format!("ssh: {}/", dir.display());
+    let option = format!("ControlPath={}/", dir.display());
     let mut out = HashMap::new();
     for p in snapshot() {
-        if p.cmdline.starts_with("ssh -M") && p.cmdline.contains(&needle) {
-            let host = p.cmdline.rsplit(' ').next().unwrap_or("").to_owned();
-            *out.entry(host).or_insert(0) += 1;
+        let socket = if let Some(rest) = p.cmdline.strip_prefix(&named) {
+            rest.strip_suffix(" [mux]").map(str::to_owned)
+        } else if p.cmdline.starts_with("ssh -M ") {
+            p.cmdline
+                .split_once(&option)
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .map(str::to_owned)
+        } else {
+            None
+        };
+        if let Some(socket) = socket {
+            *out.entry(socket).or_insert(0) += 1;
         }
     }
     out

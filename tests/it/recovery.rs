@@ -347,6 +347,8 @@ fn a_time_limit_and_a_normal_end_leave_nothing_here_or_on_the_nodes(
     // What the cgroup measured is recorded.
     assert!(task.cpu_usec.is_some_and(|c| c > 0), "{:?}", task.cpu_usec);
     // A normal end empties the task too (its own processes; the agent's masters stay warm).
+    drop(server);
+    let server = TestServer::start(backend);
     let id = server.run(run_body("normal", &HOSTS, "- command: sleep 1\n- ping:\n"));
     server.wait_status(id, &[2], 30);
     let mut seen = Vec::new();
@@ -429,13 +431,20 @@ fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
     let mut other = BinServer::start_in(&other_settings, &dir.0, &cwd_b);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!((view.task(kept).status, view.task(lost).status), (2, 2));
-    assert_eq!(view.task(kept).agent.as_deref(), Some(settings.agent_name.as_str()));
+    assert_eq!(
+        view.task(kept).agent.as_deref(),
+        Some(settings.agent_name.as_str())
+    );
     other.signal(Signal::SIGTERM);
     other.wait_exit(20);
     // One task's process and run directory are gone for good.
     let lost_pid = view.task(lost).pid.expect("pid recorded");
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(lost_pid), Signal::SIGKILL).unwrap();
-    let root_a = cwd_a.join("runs").join(&settings.agent_name).canonicalize().unwrap();
+    let root_a = cwd_a
+        .join("runs")
+        .join(&settings.agent_name)
+        .canonicalize()
+        .unwrap();
     std::fs::remove_dir_all(root_a.join(lost.to_string())).unwrap();
     // The same agent, started from elsewhere: it adopts what it finds where the task ran and ends
     // what it cannot find anywhere, saying where it looked.
@@ -444,7 +453,11 @@ fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
     assert_eq!(kept_task.status, 4, "{:?}", kept_task.err);
     let lost_task = view.wait_end(lost, 30);
     assert_eq!(lost_task.status, 7);
-    let root_b = cwd_b.join("runs").join(&settings.agent_name).canonicalize().unwrap();
+    let root_b = cwd_b
+        .join("runs")
+        .join(&settings.agent_name)
+        .canonicalize()
+        .unwrap();
     assert_eq!(
         lost_task.err,
         Some(format!(

@@ -1,0 +1,288 @@
+//! downlink against what a user would do instead: `ansible-playbook` by hand, with ansible's own
+//! defaults (a user's loop shares `~/.ansible/cp`, so its ControlPersist masters stay warm across
+//! runs), on the three SSH test hosts. Ratios from one run:
+//!
+//! - P1: 20 ping playbooks, 4 at a time: downlink ÷ by hand with pipelining (the fair pair, since
+//!   downlink pipelines by default): wall time and CPU time. Targets: wall ≤ 1.00, CPU ≤ 1.05.
+//! - P2: 10 ping playbooks one after another: downlink ÷ by hand with every default (no
+//!   pipelining): wall time. Target ≤ 0.40.
+//!
+//! CPU is what each side's cgroup v2 measured: the downlink server (a process of its own), its
+//! task cgroups and its SSH masters on one side; each `ansible-playbook` by hand and everything
+//! it starts (its ControlPersist masters included) on the other. The HTTP client is not counted.
+//! Each figure starts cold: a fresh server and run directory, a fresh `HOME` for the user.
+//!
+//! `scripts/bench` runs it (it starts the SSH test hosts and installs ansible-core first);
+//! `scripts/bench --quick` runs 4 and 2 playbooks instead of 20 and 10.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOSTS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+const PLAYBOOK: &str = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ping:\n";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run scripts/bench"))
+}
+
+/// A cgroup v2 of the bench's own, to measure CPU time.
+struct Cg(PathBuf);
+
+impl Cg {
+    fn new(path: PathBuf) -> Cg {
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot create cgroup {} (the bench needs a writable cgroup v2): {e}",
+                path.display()
+            )
+        });
+        Cg(path)
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(self.0.join("cpu.stat")).expect("cpu.stat");
+        let usec: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("usage_usec");
+        usec as f64 / 1e6
+    }
+
+    /// Makes `cmd`'s process join this cgroup before it runs.
+    fn join(&self, cmd: &mut Command) {
+        let procs = self.0.join("cgroup.procs");
+        // SAFETY: a write to cgroupfs between fork and exec; the path was built before the fork.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+    }
+}
+
+fn v2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("a cgroup2 mount")
+}
+
+struct Setup {
+    dir: PathBuf,
+    playbook_bin: String,
+    key: String,
+    port: String,
+    common: String,
+    bench_cg: PathBuf,
+}
+
+/// A downlink server process in its own cgroup, its task cgroups nested inside it.
+struct Server {
+    child: Child,
+    base: String,
+    cg: Cg,
+}
+
+impl Server {
+    fn start(s: &Setup, name: &str) -> Server {
+        let work = s.dir.join(name);
+        std::fs::create_dir_all(&work).expect("work dir");
+        let cg = Cg::new(s.bench_cg.join(name));
+        let server_cg = Cg::new(cg.0.join("server"));
+        let rel =
+            cg.0.strip_prefix(v2_mount())
+                .expect("under the mount")
+                .to_string_lossy()
+                .into_owned();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_downlink"));
+        cmd.arg("serve")
+            .current_dir(&work)
+            .env("DOWNLINK_BIND", format!("127.0.0.1:{port}"))
+            .env("DOWNLINK_ANSIBLE_PLAYBOOK", &s.playbook_bin)
+            .env("DOWNLINK_SSH_PRIVATE_KEY", &s.key)
+            .env("DOWNLINK_SSH_PORT", &s.port)
+            .env("DOWNLINK_SSH_COMMON_ARGS", &s.common)
+            .env("DOWNLINK_ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
+            .env("DOWNLINK_CGROUP_PARENT", rel)
+            .env("DOWNLINK_LOG_LEVEL", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        server_cg.join(&mut cmd);
+        let child = cmd.spawn().expect("downlink starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ureq::get(&format!("{base}/healthz")).call().is_err() {
+            assert!(Instant::now() < deadline, "downlink did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, base, cg }
+    }
+
+    fn run(&self, name: &str) {
+        let body = serde_json::json!({"nodes": HOSTS, "user": "root", "name": name,
+            "tasks": PLAYBOOK, "params": "", "fork_num": 3});
+        let text = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .post(&format!("{}/api/parallel_run", self.base))
+            .set("X-CORRELATION-ID", "bench")
+            .set("X-RESOURCE", "bench")
+            .send_string(&body.to_string())
+            .expect("parallel_run")
+            .into_string()
+            .expect("body");
+        assert_eq!(text.matches("reuslt = ok").count(), 3, "{text}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A user's own directory: an inventory as they would write it, and a `HOME` of its own.
+struct ByHand {
+    dir: PathBuf,
+    playbook_bin: String,
+    pipelining: bool,
+    cg: Cg,
+}
+
+impl ByHand {
+    fn new(s: &Setup, name: &str, pipelining: bool) -> ByHand {
+        let dir = s.dir.join(name);
+        std::fs::create_dir_all(dir.join("home")).expect("home");
+        let hosts: serde_json::Map<String, serde_json::Value> = HOSTS
+            .iter()
+            .map(|h| (h.to_string(), serde_json::json!({})))
+            .collect();
+        let inventory = serde_json::json!({"all": {"hosts": hosts, "vars": {
+            "ansible_user": "root", "ansible_port": s.port.parse::<u16>().expect("port"),
+            "ansible_ssh_private_key_file": s.key, "ansible_ssh_common_args": s.common,
+            "ansible_python_interpreter": "/usr/bin/python3"}}});
+        std::fs::write(dir.join("inventory.yml"), inventory.to_string()).expect("inventory");
+        std::fs::write(dir.join("playbook.yml"), PLAYBOOK).expect("playbook");
+        ByHand {
+            cg: Cg::new(s.bench_cg.join(name)),
+            dir,
+            playbook_bin: s.playbook_bin.clone(),
+            pipelining,
+        }
+    }
+
+    fn run(&self) {
+        let mut cmd = Command::new(&self.playbook_bin);
+        cmd.current_dir(&self.dir)
+            .args(["-i", "inventory.yml", "playbook.yml"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.dir.join("home"))
+            .env("LANG", "C.UTF-8");
+        if self.pipelining {
+            cmd.env("ANSIBLE_PIPELINING", "True");
+        }
+        self.cg.join(&mut cmd);
+        let out = cmd.output().expect("ansible-playbook runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// Closes the user's ControlPersist masters (at the end, so their CPU is counted).
+    fn close(&self) {
+        let cp = self.dir.join("home/.ansible/cp");
+        for entry in std::fs::read_dir(cp).into_iter().flatten().flatten() {
+            let _ = Command::new("ssh")
+                .args(["-O", "exit", "-o"])
+                .arg(format!("ControlPath={}", entry.path().display()))
+                .arg("x")
+                .output();
+        }
+    }
+}
+
+/// Runs `n` jobs `parallel` at a time; the wall time in seconds.
+fn in_parallel(n: usize, parallel: usize, job: impl Fn(usize) + Sync) -> f64 {
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for lane in 0..parallel {
+            let job = &job;
+            scope.spawn(move || {
+                for i in (lane..n).step_by(parallel) {
+                    job(i);
+                }
+            });
+        }
+    });
+    t.elapsed().as_secs_f64()
+}
+
+/// Removes a cgroup tree, children first.
+fn remove_cgroups(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroups(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (p1_runs, p2_runs) = if quick { (4, 2) } else { (20, 10) };
+    let dir = std::env::temp_dir().join(format!("dl-bench-{}", std::process::id()));
+    let bench_cg = v2_mount().join(format!("dlbench-{}", std::process::id()));
+    let s = Setup {
+        dir: dir.clone(),
+        playbook_bin: env("DLTEST_ANSIBLE_PLAYBOOK"),
+        key: env("DLTEST_SSH_KEY"),
+        port: env("DLTEST_SSH_PORT"),
+        common: "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no".into(),
+        bench_cg: Cg::new(bench_cg.clone()).0,
+    };
+
+    // P1: 4 at a time; downlink against by hand with pipelining.
+    let server = Server::start(&s, "p1-downlink");
+    let dl_wall = in_parallel(p1_runs, 4, |i| server.run(&format!("p1-{i}")));
+    let dl_cpu = server.cg.cpu_secs();
+    drop(server);
+    let hand = ByHand::new(&s, "p1-by-hand", true);
+    let hand_wall = in_parallel(p1_runs, 4, |_| hand.run());
+    hand.close();
+    let hand_cpu = hand.cg.cpu_secs();
+    println!(
+        "P1 wall={:.2} cpu={:.2} ({p1_runs} ping playbooks x 3 SSH hosts, 4 at a time: downlink {dl_wall:.1} s wall {dl_cpu:.1} s CPU; by hand with pipelining {hand_wall:.1} s wall {hand_cpu:.1} s CPU; targets wall <= 1.00, cpu <= 1.05)",
+        dl_wall / hand_wall,
+        dl_cpu / hand_cpu
+    );
+
+    // P2: one after another; downlink against by hand with ansible's defaults.
+    let server = Server::start(&s, "p2-downlink");
+    let dl_wall = in_parallel(p2_runs, 1, |i| server.run(&format!("p2-{i}")));
+    drop(server);
+    let naive = ByHand::new(&s, "p2-by-hand", false);
+    let naive_wall = in_parallel(p2_runs, 1, |_| naive.run());
+    naive.close();
+    println!(
+        "P2 ratio={:.2} ({p2_runs} ping playbooks x 3 SSH hosts in a row: downlink {dl_wall:.1} s; by hand with ansible's defaults {naive_wall:.1} s; target <= 0.40)",
+        dl_wall / naive_wall
+    );
+    remove_cgroups(&bench_cg);
+    let _ = std::fs::remove_dir_all(&dir);
+}
