@@ -141,7 +141,11 @@ impl Connections {
                 continue;
             }
             if socket.exists() {
-                continue;
+                // Up, or left by a master that is gone (a crash): a dead socket refuses.
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    continue;
+                }
+                let _ = std::fs::remove_file(&socket);
             }
             match self.master_command(&key, &socket).spawn() {
                 Ok(child) => {

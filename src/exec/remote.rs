@@ -22,8 +22,14 @@ use tokio::sync::Semaphore;
 pub const REMOTE_MARK_VAR: &str = "DOWNLINK_TASK";
 
 /// The script run on a node with the mark as `$1`: prints `killed N left M`.
+/// One grep reads every environment block (NUL-separated: `-z`); a node without GNU grep's `-z`
+/// falls back to one `tr | grep` per process.
 const SCRIPT: &str = r#"m="DOWNLINK_TASK=$1"
+if printf "a\0" | grep -qzxF a 2>/dev/null; then
+marked() { grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null | sed -n "s|^/proc/\([0-9]*\)/environ$|\1|p" | grep -vx "$$"; }
+else
 marked() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; if tr "\0" "\n" < "$d/environ" 2>/dev/null | grep -qxF "$m"; then echo "$p"; fi; done; }
+fi
 n=0; for p in $(marked); do kill -TERM "$p" 2>/dev/null && n=$((n+1)); done
 i=0; left=$(marked); while [ -n "$left" ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); left=$(marked); done
 for p in $left; do kill -KILL "$p" 2>/dev/null; done
