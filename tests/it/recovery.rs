@@ -324,6 +324,45 @@ fn twenty_stops_leave_nothing_here_or_on_the_nodes() {
     assert_eq!(masters.len(), 3, "{masters:?}");
 }
 
+#[test]
+fn without_cgroups_a_stop_still_leaves_nothing_here_or_on_the_nodes() {
+    // A host without a writable cgroup v2, made by a fail point compiled only into test builds.
+    fail::cfg("cgroup-detect", "return").unwrap();
+    let server = TestServer::start_with(crate::harness::Backend::Sqlite, |s| {
+        s.agent_name = format!("fallback-{}", std::process::id());
+    });
+    let (_, ready) = crate::harness::request("GET", &format!("{}/readyz", server.base), &[], "");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let mode = ready["content"]["process_tracking"].as_str().unwrap_or("");
+    assert!(
+        mode.starts_with("fallback: no writable cgroup v2"),
+        "{ready}"
+    );
+    let token = "7300";
+    let id = server.run(run_body("fallback-stop", &HOSTS, &holding(token)));
+    wait_for_token(&format!("sleep {token}2"), 3);
+    let dir = server.run_dir(id);
+    let local = procwatch::of_task(&dir);
+    assert!(!local.is_empty());
+    server.call("/api/stop", json!({"id": id, "name": "fallback-stop"}));
+    assert_eq!(server.task(id).status, 5);
+    assert!(
+        procwatch::still_alive(&local).is_empty(),
+        "{:?}",
+        procwatch::still_alive(&local)
+    );
+    assert!(procwatch::of_task(&dir).is_empty());
+    assert!(
+        procwatch::with_token(&format!("sleep {token}")).is_empty(),
+        "left on the nodes"
+    );
+    assert_eq!(
+        server.task(id).cpu_usec,
+        None,
+        "nothing measures CPU without a cgroup"
+    );
+}
+
 fn a_time_limit_and_a_normal_end_leave_nothing_here_or_on_the_nodes(
     backend: crate::harness::Backend,
 ) {
