@@ -366,7 +366,8 @@ fn without_cgroups_a_stop_still_leaves_nothing_here_or_on_the_nodes() {
 fn a_time_limit_and_a_normal_end_leave_nothing_here_or_on_the_nodes(
     backend: crate::harness::Backend,
 ) {
-    let server = TestServer::start_with(backend, |s| s.task_time_limit_secs = 4);
+    // Long enough for the remote commands to start on a busy machine before the limit strikes.
+    let server = TestServer::start_with(backend, |s| s.task_time_limit_secs = 12);
     let token = format!("72{}", backend as u8);
     let id = server.run(run_body("over-time", &HOSTS, &holding(&token)));
     wait_for_token(&format!("sleep {token}2"), 3);
