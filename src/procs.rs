@@ -63,34 +63,28 @@ fn pids() -> Vec<i32> {
         .collect()
 }
 
-/// Pids of live processes whose environment carries the task's marker.
-pub fn marked(mark: &str) -> Vec<i32> {
-    let needle = format!("{TASK_MARK_VAR}={mark}\0");
+/// Pids of other processes whose `/proc/PID/<file>` can be read and satisfies `matches`
+/// (unreadable ones, gone or another user's, and zombies, are left out).
+fn scan(file: &str, matches: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     let me = std::process::id() as i32;
     pids()
         .into_iter()
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            // Unreadable (gone, or another user's) and zombie processes have no readable environment.
-            fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| contains(&env, needle.as_bytes()))
-        })
+        .filter(|pid| fs::read(format!("/proc/{pid}/{file}")).is_ok_and(|b| matches(&b)))
         .collect()
+}
+
+/// Pids of live processes whose environment carries the task's marker.
+pub fn marked(mark: &str) -> Vec<i32> {
+    let needle = format!("{TASK_MARK_VAR}={mark}\0");
+    scan("environ", |env| contains(env, needle.as_bytes()))
 }
 
 /// Pids of live processes whose command line names `dir` (an ssh multiplexing master of the task
 /// shows its ControlPath there, `ssh: <dir>/… [mux]`, after rewriting its environment away).
 fn naming(dir: &Path) -> Vec<i32> {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    let me = std::process::id() as i32;
-    pids()
-        .into_iter()
-        .filter(|&pid| pid != me)
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
-        })
-        .collect()
+    let needle = dir.as_os_str().as_encoded_bytes();
+    scan("cmdline", |c| c.windows(needle.len()).any(|w| w == needle))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

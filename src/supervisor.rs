@@ -400,12 +400,7 @@ impl Handler<EndTask> for TaskSupervisor {
             let persistence = self.persistence.clone();
             let me = ctx.address();
             return Box::pin(async move {
-                let written = tokio::task::spawn_blocking(move || {
-                    std::fs::create_dir_all(&verdict.path)?;
-                    let json = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-                    std::fs::write(verdict.verdict(), json)
-                })
-                .await;
+                let written = tokio::task::spawn_blocking(move || file.write(&verdict)).await;
                 if !matches!(written, Ok(Ok(()))) {
                     warn!(log, "cannot write end.json of a stopped pending task");
                 }

@@ -177,6 +177,16 @@ pub fn read_end_file(dir: &RunDir) -> Option<EndFile> {
     serde_json::from_slice(&text).ok()
 }
 
+impl EndFile {
+    /// Writes it as the run directory's `end.json` (creating the directory for a task that never
+    /// ran). Blocking.
+    pub fn write(&self, dir: &RunDir) -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir.path)?;
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        std::fs::write(dir.verdict(), json)
+    }
+}
+
 /// Kills the task's process group and tells the supervisor if the actor goes away without having
 /// recorded its end (its code panicked). Not when the whole server is shutting down: then the
 /// process is left to the next start, which adopts it.
@@ -574,7 +584,7 @@ impl TaskActor {
         let mark = self.dir.mark();
         let dir_path = self.dir.path.clone();
         let output = self.dir.output();
-        let verdict_path = self.dir.verdict();
+        let run_dir = self.dir.clone();
         // Only the group of our own child (already waited for) may be reaped here.
         let group = if matches!(exit, Exit::Exited { .. }) {
             self.pgid
@@ -612,13 +622,7 @@ impl TaskActor {
                     rundir::note_output_cut(&output, limit, cut_before + cut);
                 }
                 let why = rundir::error_line(&output);
-                let recorded = if adopted {
-                    std::fs::read(&verdict_path)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<EndFile>(&b).ok())
-                } else {
-                    None
-                };
+                let recorded = adopted.then(|| read_end_file(&run_dir)).flatten();
                 (killed, emptied, usage, cut, why, recorded)
             })
             .await
@@ -726,13 +730,11 @@ impl TaskActor {
             err: fin.err.clone(),
             exit_code,
         };
-        let path = self.dir.verdict();
+        let dir = self.dir.clone();
         let persistence = self.persistence.clone();
         let status = fin.status;
         let write = async move {
-            if let Ok(json) = serde_json::to_vec(&file) {
-                let _ = tokio::fs::write(&path, json).await;
-            }
+            let _ = tokio::task::spawn_blocking(move || file.write(&dir)).await;
             let sent = persistence.send(FinishTask(fin.clone())).await;
             (fin, sent)
         };
