@@ -39,6 +39,10 @@ use crate::store::{self, Finish, HostState, NewEvent, NewTask, StoreError};
 /// First retry delay; doubled after each failure up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Most writes applied in one transaction, and most events among them: queued writes are
+/// committed together (one round of BEGIN/COMMIT and one trip to the blocking pool for all).
+const MAX_BATCH_WRITES: usize = 64;
+const MAX_BATCH_EVENTS: usize = 20_000;
 /// Longest database message quoted in a repair marker or log line.
 const MAX_REASON: usize = 300;
 
@@ -112,6 +116,8 @@ pub struct Persistence {
     queue: VecDeque<Queued>,
     busy: bool,
     backoff: Duration,
+    /// Writes to apply one at a time (with retries and repairs) after a batch of them failed.
+    singles: usize,
 }
 
 impl Persistence {
@@ -125,6 +131,7 @@ impl Persistence {
             queue: VecDeque::new(),
             busy: false,
             backoff: MIN_BACKOFF,
+            singles: 0,
         }
     }
 
@@ -147,10 +154,66 @@ impl Persistence {
         })
     }
 
+    /// How many writes from the head of the queue go into the next transaction.
+    fn batch_len(&self) -> usize {
+        if self.singles > 0 {
+            return 1;
+        }
+        let mut events = 0;
+        let mut n = 0;
+        for q in self.queue.iter().take(MAX_BATCH_WRITES) {
+            events += match &q.write {
+                Write::Progress(p) => p.events.len(),
+                _ => 1,
+            };
+            if n > 0 && events > MAX_BATCH_EVENTS {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Applies the writes at the head of the queue in one transaction. If that fails, each of them
+    /// is applied again on its own (where failures are retried or repaired).
+    fn pump_batch(&mut self, n: usize, ctx: &mut Context<Self>) {
+        self.busy = true;
+        let writes: Vec<Write> = self.queue.iter().take(n).map(|q| q.write.clone()).collect();
+        let pool = self.pool.clone();
+        let job = async move {
+            tokio::task::spawn_blocking(move || apply_batch(&pool, &writes))
+                .await
+                .ok()
+                .flatten()
+        };
+        ctx.spawn(job.into_actor(self).map(move |applied, act, ctx| {
+            act.busy = false;
+            match applied {
+                Some(results) => {
+                    if !act.health.set(true) {
+                        info!(act.log, "database reachable again, writes resumed"; "queued" => act.queue.len());
+                    }
+                    for result in results {
+                        if let Some(done) = act.queue.pop_front() {
+                            let _ = done.reply.send(Ok(result));
+                        }
+                    }
+                }
+                None => act.singles = n,
+            }
+            act.pump(ctx);
+        }));
+    }
+
     /// Applies the head of the queue, then the next, until the queue is empty or a write fails
     /// because the database is away.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.busy {
+            return;
+        }
+        let n = self.batch_len();
+        if n > 1 {
+            self.pump_batch(n, ctx);
             return;
         }
         let Some(head) = self.queue.front() else {
@@ -189,6 +252,7 @@ impl Persistence {
                     if let Some(done) = act.queue.pop_front() {
                         let _ = done.reply.send(result);
                     }
+                    act.singles = act.singles.saturating_sub(1);
                     act.pump(ctx);
                 }
             }
@@ -303,6 +367,13 @@ fn apply(pool: &Pool, write: &Write) -> Applied {
         away,
         repairs,
     }
+}
+
+/// Every write in one transaction; `None` if any of them (or the commit) failed, and then none
+/// of them is stored.
+fn apply_batch(pool: &Pool, writes: &[Write]) -> Option<Vec<bool>> {
+    let mut conn = pool.get().ok()?;
+    store::in_one_transaction(&mut conn, |c| writes.iter().map(|w| run(c, w)).collect()).ok()
 }
 
 fn run(c: &mut DbConnection, write: &Write) -> Result<bool, StoreError> {

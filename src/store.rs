@@ -173,6 +173,13 @@ fn write_transaction<T>(
     f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     type Manager = <DbConnection as Connection>::TransactionManager;
+    // Inside a batch (`in_one_transaction`): join it, so the batch commits once.
+    if matches!(
+        Manager::transaction_manager_status_mut(conn).transaction_depth(),
+        Ok(Some(_))
+    ) {
+        return f(conn);
+    }
     match conn {
         DbConnection::Sqlite(c) => {
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
@@ -191,6 +198,15 @@ fn write_transaction<T>(
             Err(e)
         }
     }
+}
+
+/// Runs several writes in one transaction, one commit for all: each write's own transaction
+/// joins it, so a failure anywhere rolls back every one of them.
+pub fn in_one_transaction<T>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    write_transaction(conn, f)
 }
 
 /// Inserts a task; its id once committed.
