@@ -5,12 +5,15 @@
 //! - [`connections`]: the agent's SSH multiplexing masters, warm across tasks, outside every task.
 //! - [`remote`]: the mark every process of a task carries on its nodes, and the cleanup that ends
 //!   them after a stop or a time limit.
+//! - [`spawn`]: starting a task's process with `clone(CLONE_VM | CLONE_VFORK)`, never a fork of
+//!   the server.
 //!
 //! The TaskActor asks this layer to start, signal and clean; nothing else touches processes.
 
 pub mod cgroup;
 pub mod connections;
 pub mod remote;
+pub mod spawn;
 
 use std::path::PathBuf;
 

@@ -38,6 +38,7 @@ use crate::ansible::tail::{self, Chunk, EventTail, Piece};
 use crate::exec::cgroup::TaskCgroup;
 use crate::exec::connections::{self, Acquire};
 use crate::exec::remote::{self, Cleaned};
+use crate::exec::spawn;
 use crate::exec::Exec;
 use crate::persistence::{FinishTask, MarkRunning, Persistence, SaveProgress};
 use crate::procs;
@@ -772,22 +773,6 @@ impl TaskActor {
         let mark = remote::new_mark(&settings.agent_name, spec.id);
         self.mark = Some(mark.clone());
         let prepare = async move {
-            let (dir2, s2, spec2, mark2) =
-                (dir.clone(), settings.clone(), spec.clone(), mark.clone());
-            let (run_as, cgroup) = tokio::task::spawn_blocking(move || {
-                let job = Job {
-                    nodes: &spec2.nodes,
-                    remote_user: &spec2.remote_user,
-                    content: &spec2.content,
-                    params: &spec2.params,
-                };
-                let run_as = rundir::prepare(&s2, &dir2, &job, &mark2)?;
-                let cgroup = cgroups.map(|c| c.task(spec2.id)).transpose()?;
-                Ok::<_, std::io::Error>((run_as, cgroup))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
             // Warm connections first: the agent's masters, outside this task's cgroup.
             let _ = connections
                 .send(Acquire {
@@ -795,23 +780,41 @@ impl TaskActor {
                     hosts: spec.nodes.clone(),
                 })
                 .await;
-            let mut cmd = rundir::command(
-                &settings,
-                &root,
-                &dir,
-                spec.forks,
-                run_as.as_ref(),
-                cgroup.as_ref(),
-                &mark,
-            )
-            .map_err(|e| format!("cannot prepare the run directory: {e}"))?;
-            let child = cmd.spawn().map_err(|e| {
-                format!(
-                    "cannot start ansible-playbook ({}): {e}",
-                    settings.ansible_playbook
-                )
-            })?;
-            Ok::<_, String>((child, cgroup))
+            // The run directory, the cgroup and the fork and exec all on the blocking pool: a
+            // spawn waits for the child's exec, which must not hold up the actors' thread.
+            tokio::task::spawn_blocking(move || {
+                let job = Job {
+                    nodes: &spec.nodes,
+                    remote_user: &spec.remote_user,
+                    content: &spec.content,
+                    params: &spec.params,
+                };
+                let prepared = rundir::prepare(&settings, &dir, &job, &mark).and_then(|run_as| {
+                    let cgroup = cgroups.map(|c| c.task(spec.id)).transpose()?;
+                    let cmd = rundir::command(
+                        &settings,
+                        &root,
+                        &dir,
+                        spec.forks,
+                        run_as.as_ref(),
+                        cgroup.as_ref(),
+                        &mark,
+                    )?;
+                    Ok((cmd, cgroup))
+                });
+                let (cmd, cgroup) =
+                    prepared.map_err(|e| format!("cannot prepare the run directory: {e}"))?;
+                let child = cmd.spawn().map_err(|e| {
+                    format!(
+                        "cannot start ansible-playbook ({}): {e}",
+                        settings.ansible_playbook
+                    )
+                })?;
+                let started = procs::start_time(child.id()).unwrap_or(0);
+                Ok::<_, String>((child, started, cgroup))
+            })
+            .await
+            .map_err(|e| e.to_string())?
         };
         ctx.wait(
             prepare
@@ -821,24 +824,17 @@ impl TaskActor {
                         error!(act.log, "task could not start"; "error" => %reason);
                         act.end(Exit::NotStarted(reason), ctx);
                     }
-                    Ok((child, cgroup)) => {
+                    Ok((child, started, cgroup)) => {
                         act.cgroup = cgroup;
-                        act.on_spawned(child, ctx)
+                        act.on_spawned(child, started, ctx)
                     }
                 }),
         );
     }
 
-    fn on_spawned(&mut self, mut child: tokio::process::Child, ctx: &mut Context<Self>) {
-        let Some(pid) = child.id().map(|p| p as i32) else {
-            self.end(
-                Exit::NotStarted("ansible-playbook exited at once".into()),
-                ctx,
-            );
-            return;
-        };
+    fn on_spawned(&mut self, mut child: spawn::Child, started: i64, ctx: &mut Context<Self>) {
+        let pid = child.id();
         self.set_pgid(Some(pid));
-        let started = procs::start_time(pid).unwrap_or(0);
         info!(self.log, "ansible-playbook started"; "pid" => pid, "forks" => self.spec.forks);
         let mark = MarkRunning {
             task_id: self.spec.id,

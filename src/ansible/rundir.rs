@@ -21,9 +21,9 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 
+use crate::exec::spawn::Spawn;
 use nix::unistd::{chown, Gid, Group, Uid, User};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use serde_json::{json, Map, Value};
 
@@ -243,9 +243,9 @@ pub fn command(
     run_as: Option<&RunAs>,
     cgroup: Option<&TaskCgroup>,
     mark: &str,
-) -> io::Result<tokio::process::Command> {
+) -> io::Result<Spawn> {
     let output = fs::OpenOptions::new().append(true).open(dir.output())?;
-    let mut cmd = tokio::process::Command::new(&settings.ansible_playbook);
+    let mut cmd = Spawn::new(&settings.ansible_playbook);
     cmd.current_dir(&dir.path)
         .arg("-i")
         .arg("inventory.yml")
@@ -254,11 +254,7 @@ pub fn command(
         .arg("-e")
         .arg("@extra_vars.json")
         .arg("playbook.yml")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(output.try_clone()?))
-        .stderr(Stdio::from(output))
-        .env_clear()
-        .kill_on_drop(false);
+        .output(output);
     for var in ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK"] {
         if let Ok(v) = std::env::var(var) {
             cmd.env(var, v);
@@ -294,35 +290,12 @@ pub fn command(
         )
         .env(TASK_MARK_VAR, dir.mark());
     // In the child, before exec: a session of its own, the task's cgroup (joined while still
-    // privileged), then the run_as user. Everything is prepared here, before the fork: the closure
-    // only makes system calls.
-    let join = cgroup.map(TaskCgroup::join_files).unwrap_or_default();
-    let ids = run_as.map(|r| (r.uid, r.gid));
-    // SAFETY: the closure calls only async-signal-safe functions (setsid, open, write, close,
-    // setgroups, setgid, setuid) and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            use nix::libc;
-            nix::unistd::setsid().map_err(io::Error::from)?;
-            for file in &join {
-                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(err);
-                }
-            }
-            if let Some((uid, gid)) = ids {
-                nix::unistd::setgroups(&[gid])?;
-                nix::unistd::setgid(gid)?;
-                nix::unistd::setuid(uid)?;
-            }
-            Ok(())
-        });
+    // privileged), then the run_as user (exec::spawn).
+    if let Some(cg) = cgroup {
+        cmd.join(cg.join_files());
+    }
+    if let Some(r) = run_as {
+        cmd.run_as(r.uid.as_raw(), r.gid.as_raw());
     }
     Ok(cmd)
 }
