@@ -16,63 +16,16 @@
 //! `scripts/bench` runs it (it starts the SSH test hosts and installs ansible-core first);
 //! `scripts/bench --quick` runs 4 and 2 playbooks instead of 20 and 10.
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{env, in_parallel, remove_cgroups, v2_mount, Cg, Downlink};
 
 const HOSTS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
 const PLAYBOOK: &str = "- hosts: all\n  gather_facts: false\n  tasks:\n    - ping:\n";
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run scripts/bench"))
-}
-
-/// A cgroup v2 of the bench's own, to measure CPU time.
-struct Cg(PathBuf);
-
-impl Cg {
-    fn new(path: PathBuf) -> Cg {
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot create cgroup {} (the bench needs a writable cgroup v2): {e}",
-                path.display()
-            )
-        });
-        Cg(path)
-    }
-
-    fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(self.0.join("cpu.stat")).expect("cpu.stat");
-        let usec: u64 = stat
-            .lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("usage_usec");
-        usec as f64 / 1e6
-    }
-
-    /// Makes `cmd`'s process join this cgroup before it runs.
-    fn join(&self, cmd: &mut Command) {
-        let procs = self.0.join("cgroup.procs");
-        // SAFETY: a write to cgroupfs between fork and exec; the path was built before the fork.
-        unsafe {
-            cmd.pre_exec(move || std::fs::write(&procs, "0"));
-        }
-    }
-}
-
-fn v2_mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    info.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .expect("a cgroup2 mount")
-}
 
 struct Setup {
     dir: PathBuf,
@@ -83,73 +36,30 @@ struct Setup {
     bench_cg: PathBuf,
 }
 
-/// A downlink server process in its own cgroup, its task cgroups nested inside it.
-struct Server {
-    child: Child,
-    base: String,
-    cg: Cg,
-}
+/// A downlink server for the ping playbooks.
+struct Server(Downlink);
 
 impl Server {
     fn start(s: &Setup, name: &str) -> Server {
-        let work = s.dir.join(name);
-        std::fs::create_dir_all(&work).expect("work dir");
+        let settings = [
+            ("ansible_playbook", s.playbook_bin.clone()),
+            ("ssh_private_key", s.key.clone()),
+            ("ssh_port", s.port.clone()),
+            ("ssh_common_args", s.common.clone()),
+            ("ansible_python_interpreter", "/usr/bin/python3".into()),
+        ];
         let cg = Cg::new(s.bench_cg.join(name));
-        let server_cg = Cg::new(cg.0.join("server"));
-        let rel =
-            cg.0.strip_prefix(v2_mount())
-                .expect("under the mount")
-                .to_string_lossy()
-                .into_owned();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_downlink"));
-        cmd.arg("serve")
-            .current_dir(&work)
-            .env("DOWNLINK_BIND", format!("127.0.0.1:{port}"))
-            .env("DOWNLINK_ANSIBLE_PLAYBOOK", &s.playbook_bin)
-            .env("DOWNLINK_SSH_PRIVATE_KEY", &s.key)
-            .env("DOWNLINK_SSH_PORT", &s.port)
-            .env("DOWNLINK_SSH_COMMON_ARGS", &s.common)
-            .env("DOWNLINK_ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
-            .env("DOWNLINK_CGROUP_PARENT", rel)
-            .env("DOWNLINK_LOG_LEVEL", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        server_cg.join(&mut cmd);
-        let child = cmd.spawn().expect("downlink starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ureq::get(&format!("{base}/healthz")).call().is_err() {
-            assert!(Instant::now() < deadline, "downlink did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { child, base, cg }
+        Server(Downlink::start(&s.dir.join(name), cg, &settings))
     }
 
     fn run(&self, name: &str) {
         let body = serde_json::json!({"nodes": HOSTS, "user": "root", "name": name,
             "tasks": PLAYBOOK, "params": "", "fork_num": 3});
-        let text = ureq::AgentBuilder::new()
+        let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(120))
-            .build()
-            .post(&format!("{}/api/parallel_run", self.base))
-            .set("X-CORRELATION-ID", "bench")
-            .set("X-RESOURCE", "bench")
-            .send_string(&body.to_string())
-            .expect("parallel_run")
-            .into_string()
-            .expect("body");
+            .build();
+        let text = self.0.post(&agent, "/api/parallel_run", &body);
         assert_eq!(text.matches("reuslt = ok").count(), 3, "{text}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -216,34 +126,6 @@ impl ByHand {
     }
 }
 
-/// Runs `n` jobs `parallel` at a time; the wall time in seconds.
-fn in_parallel(n: usize, parallel: usize, job: impl Fn(usize) + Sync) -> f64 {
-    let t = Instant::now();
-    std::thread::scope(|scope| {
-        for lane in 0..parallel {
-            let job = &job;
-            scope.spawn(move || {
-                for i in (lane..n).step_by(parallel) {
-                    job(i);
-                }
-            });
-        }
-    });
-    t.elapsed().as_secs_f64()
-}
-
-/// Removes a cgroup tree, children first.
-fn remove_cgroups(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroups(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (p1_runs, p2_runs) = if quick { (4, 2) } else { (20, 10) };
@@ -261,7 +143,7 @@ fn main() {
     // P1: 4 at a time; downlink against by hand with pipelining.
     let server = Server::start(&s, "p1-downlink");
     let dl_wall = in_parallel(p1_runs, 4, |i| server.run(&format!("p1-{i}")));
-    let dl_cpu = server.cg.cpu_secs();
+    let dl_cpu = server.0.cg.cpu_secs();
     drop(server);
     let hand = ByHand::new(&s, "p1-by-hand", true);
     let hand_wall = in_parallel(p1_runs, 4, |_| hand.run());
