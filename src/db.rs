@@ -122,31 +122,61 @@ impl ManageConnection for Manager {
             .map_err(r2d2::Error::QueryError)
     }
 
-    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
-        false
+    /// Called when a connection goes back to the pool. Connections are not tested when taken out
+    /// (that was a `SELECT 1` round trip before every read and write); instead, one that saw an
+    /// error (see [`suspect`]) is tested here and dropped if it no longer answers, and one left in
+    /// a broken transaction is dropped.
+    fn has_broken(&self, conn: &mut DbConnection) -> bool {
+        use diesel::r2d2::R2D2Connection;
+        if std::thread::panicking() || conn.is_broken() {
+            return true;
+        }
+        SUSPECT.with(|s| s.replace(false)) && conn.batch_execute("SELECT 1").is_err()
     }
 }
 
-/// SQLite needs WAL (readers beside the writer), a busy timeout and foreign keys on every connection.
-#[derive(Debug)]
-struct SqlitePragmas;
+thread_local! {
+    static SUSPECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
-impl CustomizeConnection<DbConnection, r2d2::Error> for SqlitePragmas {
+/// Notes that a statement failed on this thread: the connection it used is tested when it goes
+/// back to the pool. Every diesel error that becomes a `StoreError` calls this.
+pub fn suspect() {
+    SUSPECT.with(|s| s.set(true));
+}
+
+/// Every new connection: on SQLite WAL (readers beside the writer), a busy timeout and foreign
+/// keys; on PostgreSQL a statement timeout, so no statement holds a connection (and the writer)
+/// for ever.
+#[derive(Debug)]
+struct Prepare {
+    statement_timeout: Duration,
+}
+
+impl CustomizeConnection<DbConnection, r2d2::Error> for Prepare {
     fn on_acquire(&self, conn: &mut DbConnection) -> Result<(), r2d2::Error> {
-        if let DbConnection::Sqlite(c) = conn {
-            c.batch_execute(
+        match conn {
+            DbConnection::Sqlite(c) => c.batch_execute(
                 "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
                  PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
-            )
-            .map_err(r2d2::Error::QueryError)?;
+            ),
+            DbConnection::Pg(c) => c.batch_execute(&format!(
+                "SET statement_timeout = {}",
+                self.statement_timeout.as_millis()
+            )),
         }
-        Ok(())
+        .map_err(r2d2::Error::QueryError)
     }
 }
 
 /// Builds the pool, creating the SQLite file's directory when needed; `timeout` is how long a
-/// `get` waits for a connection.
-pub fn pool(target: &Target, size: u32, timeout: Duration) -> Result<Pool, DbError> {
+/// `get` waits for a connection, `statement_timeout` the longest a PostgreSQL statement may run.
+pub fn pool(
+    target: &Target,
+    size: u32,
+    timeout: Duration,
+    statement_timeout: Duration,
+) -> Result<Pool, DbError> {
     if let Target::Sqlite(path) = target {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| DbError::Dir(dir.to_owned(), e))?;
@@ -156,7 +186,8 @@ pub fn pool(target: &Target, size: u32, timeout: Duration) -> Result<Pool, DbErr
         .max_size(size)
         .min_idle(Some(1))
         .connection_timeout(timeout)
-        .connection_customizer(Box::new(SqlitePragmas))
+        .test_on_check_out(false)
+        .connection_customizer(Box::new(Prepare { statement_timeout }))
         // Unchecked: connections are made on first use, so the caller decides how long to wait
         // for a database that is still starting.
         .build_unchecked(Manager {

@@ -62,8 +62,13 @@ pub fn migrate_only(settings: &Settings, log: &Logger) -> anyhow::Result<()> {
 /// tasks an earlier server left unfinished.
 pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let target = Target::parse(&settings.effective_database_url())?;
-    let pool = db::pool(&target, settings.pool_size, DB_WAIT)
-        .with_context(|| format!("opening {}", target.describe()))?;
+    let pool = db::pool(
+        &target,
+        settings.pool_size,
+        DB_WAIT,
+        Duration::from_secs(settings.db_statement_timeout_secs),
+    )
+    .with_context(|| format!("opening {}", target.describe()))?;
     let deadline = Instant::now() + DB_START_WAIT;
     let mut conn = loop {
         match pool.get() {

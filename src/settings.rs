@@ -66,6 +66,7 @@ pub struct Settings {
     pub client_timeout_secs: u64,
     pub store_params: bool,
     pub db_retry_secs: u64,
+    pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,
     pub max_output_bytes: u64,
     pub max_events_file_bytes: u64,
@@ -156,6 +157,9 @@ impl Settings {
         }
         if self.cgroup_parent.split('/').any(|part| part == "..") {
             return bad("cgroup_parent must not contain ..");
+        }
+        if self.db_statement_timeout_secs == 0 {
+            return bad("db_statement_timeout_secs must be at least 1");
         }
         if self.reconcile_secs == 0 {
             return bad("reconcile_secs must be at least 1");

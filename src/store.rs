@@ -41,6 +41,20 @@ pub struct Task {
     pub memory_peak_bytes: Option<i64>,
 }
 
+/// What `/api/check` and `/api/stop` read of a task: the columns of the answer, nothing of the
+/// playbook or params.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = tasks)]
+pub struct TaskSummary {
+    pub id: i64,
+    pub name: String,
+    pub nodes: String,
+    pub status: i32,
+    pub err: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
 /// A new task, as validated from a request.
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = tasks)]
@@ -156,7 +170,14 @@ pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
-    Query(#[from] DieselError),
+    Query(DieselError),
+}
+
+impl From<DieselError> for StoreError {
+    fn from(e: DieselError) -> Self {
+        crate::db::suspect();
+        StoreError::Query(e)
+    }
 }
 
 impl From<diesel::r2d2::PoolError> for StoreError {
@@ -219,7 +240,7 @@ pub fn insert_task(conn: &mut DbConnection, new: &NewTask) -> Result<i64, StoreE
             DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
                 StoreError::Duplicate
             }
-            other => StoreError::Query(other),
+            other => other.into(),
         })
 }
 
@@ -230,6 +251,31 @@ pub fn get_task(conn: &mut DbConnection, id: i64) -> Result<Option<Task>, StoreE
         .select(Task::as_select())
         .first(conn)
         .optional()?)
+}
+
+/// The summary of the task with this id and name and its host rows in node order, in one
+/// statement (`/api/check` is the hottest read).
+pub fn task_with_hosts(
+    conn: &mut DbConnection,
+    id: i64,
+    name: &str,
+) -> Result<Option<(TaskSummary, Vec<HostRow>)>, StoreError> {
+    let rows: Vec<(TaskSummary, Option<HostRow>)> = tasks::table
+        .left_join(task_hosts::table)
+        .filter(tasks::id.eq(id))
+        .filter(tasks::name.eq(name))
+        .order(task_hosts::id.asc())
+        .select((TaskSummary::as_select(), Option::<HostRow>::as_select()))
+        .load(conn)?;
+    let mut rows = rows.into_iter();
+    let Some((task, first)) = rows.next() else {
+        return Ok(None);
+    };
+    let hosts = first
+        .into_iter()
+        .chain(rows.filter_map(|(_, h)| h))
+        .collect();
+    Ok(Some((task, hosts)))
 }
 
 /// Every task of `agent` (or of no agent: stored before agents had names) with one of these

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::fields::id_and_name;
 use super::{read_store, success, ApiError, ApiRequest, AppState};
-use crate::store::{self, HostRow, Task};
+use crate::store::{self, HostRow, TaskSummary};
 use crate::time;
 
 /// The `content` of a check answer, keys in the contract's order.
@@ -69,15 +69,8 @@ pub async fn find(
     log: &slog::Logger,
     id: i64,
     name: String,
-) -> Result<(Task, Vec<HostRow>), ApiError> {
-    let found = read_store(state, log, move |c| {
-        let Some(task) = store::get_task(c, id)?.filter(|t| t.name == name) else {
-            return Ok(None);
-        };
-        let hosts = store::task_hosts(c, id)?;
-        Ok(Some((task, hosts)))
-    })
-    .await?;
+) -> Result<(TaskSummary, Vec<HostRow>), ApiError> {
+    let found = read_store(state, log, move |c| store::task_with_hosts(c, id, &name)).await?;
     found.ok_or(ApiError::NotFound)
 }
 

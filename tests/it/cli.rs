@@ -86,7 +86,13 @@ fn migrate_creates_the_tables(backend: Backend) {
         );
     }
     let target = downlink::db::Target::parse(&db.url).unwrap();
-    let pool = downlink::db::pool(&target, 2, std::time::Duration::from_secs(5)).unwrap();
+    let pool = downlink::db::pool(
+        &target,
+        2,
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
     let mut conn = pool.get().unwrap();
     // The status table is seeded, and the forward-only rule holds in SQL.
     use diesel::connection::SimpleConnection;

@@ -164,7 +164,8 @@ impl DbView {
     pub fn open(url: &str) -> DbView {
         let target = Target::parse(url).expect("db url");
         DbView {
-            pool: db::pool(&target, 2, Duration::from_secs(10)).expect("test pool"),
+            pool: db::pool(&target, 2, Duration::from_secs(10), Duration::from_secs(60))
+                .expect("test pool"),
         }
     }
 

@@ -122,7 +122,13 @@ fn params_stay_out_of_logs_and_no_log_results_stay_censored() {
     let (_, got) = server.post("/api/run", &body.to_string());
     assert_eq!(got, "{\"code\":0,\"content\":{\"id\":1}}");
     let target = downlink::db::Target::parse(&db.url).unwrap();
-    let pool = downlink::db::pool(&target, 2, std::time::Duration::from_secs(5)).unwrap();
+    let pool = downlink::db::pool(
+        &target,
+        2,
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let task = loop {
         let t = downlink::store::get_task(&mut pool.get().unwrap(), 1)
