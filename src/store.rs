@@ -131,6 +131,8 @@ struct NewHost<'a> {
 /// One event of a task's stream.
 #[derive(Debug, Clone, PartialEq, Insertable, Queryable, Selectable)]
 #[diesel(table_name = task_events)]
+// A `None` is NULL, not DEFAULT (the same here): what a binary COPY needs.
+#[diesel(treat_none_as_default_value = false)]
 pub struct NewEvent {
     pub task_id: i64,
     pub seq: i32,
@@ -440,15 +442,21 @@ pub fn insert_events(
         let new = &events[events.partition_point(|e| e.seq <= stored)..];
         // Multi-row VALUES, which MultiConnection does not offer: through the inner connection,
         // a bounded number of rows per statement (well below either backend's bind limit).
-        for rows in new.chunks(EVENT_ROWS_PER_STATEMENT) {
-            match conn {
-                DbConnection::Pg(c) => diesel::insert_into(task_events::table)
-                    .values(rows)
-                    .execute(c)?,
-                DbConnection::Sqlite(c) => diesel::insert_into(task_events::table)
-                    .values(rows)
-                    .execute(c)?,
-            };
+        // PostgreSQL takes them all in one binary COPY.
+        match conn {
+            DbConnection::Pg(c) if !new.is_empty() => {
+                diesel::copy_from(task_events::table)
+                    .from_insertable(new)
+                    .execute(c)?;
+            }
+            DbConnection::Pg(_) => {}
+            DbConnection::Sqlite(c) => {
+                for rows in new.chunks(EVENT_ROWS_PER_STATEMENT) {
+                    diesel::insert_into(task_events::table)
+                        .values(rows)
+                        .execute(c)?;
+                }
+            }
         }
         diesel::update(tasks::table.find(task_id))
             .set(tasks::events_offset.eq(offset))
