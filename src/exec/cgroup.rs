@@ -245,10 +245,19 @@ impl TaskCgroup {
         }
     }
 
-    /// Removes the (empty) cgroup.
+    /// Removes the (empty) cgroup. The page cache its processes left charged to it (the run
+    /// directory's files) is reclaimed first: otherwise the kernel keeps every removed memory
+    /// cgroup as a "dying" one until those pages go, and thousands of them slowed every task start
+    /// (measured: /api/run answered -> process started went from 1.4 ms to 5 s at p50 with 2,600
+    /// dying memory cgroups).
     pub fn remove(&self) {
+        let reclaim = self.path.join("memory.reclaim");
+        if let Ok(current) = fs::read_to_string(self.path.join("memory.current")) {
+            let _ = fs::write(reclaim, current.trim());
+        }
         let _ = fs::remove_dir(&self.path);
         if let Some(m) = &self.memory_v1 {
+            let _ = fs::write(m.join("memory.force_empty"), "0");
             let _ = fs::remove_dir(m);
         }
     }
