@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Actor;
+use actix::{Actor, Arbiter};
 use actix_web::dev::{ServerHandle, Service};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
@@ -143,13 +143,18 @@ pub async fn run(
     } = prepared;
     log_panics(&log);
     let db_health = DbHealth::new();
-    let persistence = Persistence::new(
+    // The writer on a thread of its own: its batching and replies never wait behind the task
+    // actors (and use the second core).
+    let writer = (
         pool.clone(),
         log.new(slog::o!("part" => "persistence")),
         db_health.clone(),
         Duration::from_secs(settings.db_retry_secs),
-    )
-    .start();
+    );
+    let persistence = Persistence::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+        let (pool, log, health, retry_for) = writer;
+        Persistence::new(pool, log, health, retry_for)
+    });
     let slots = QueueSlots::new(settings.max_queued);
     let control_dir = rundir::control_dir(&run_root);
     let connections = Connections::new(
