@@ -41,11 +41,25 @@ pub struct Spawn {
     ids: Option<(u32, u32)>,
 }
 
-/// A started child; [`Child::wait`] reaps it.
+/// A started child; [`Child::wait`] reaps it. One dropped before it was reaped (its waiter went
+/// away, e.g. a task actor that panicked) is reaped by a thread of its own, as tokio does for its
+/// orphans: no zombie is left behind.
 #[derive(Debug)]
 pub struct Child {
     pid: i32,
     pidfd: Option<OwnedFd>,
+    reaped: bool,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let pid = self.pid;
+            let _ = std::thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || reap(pid));
+        }
+    }
 }
 
 /// Which step of the child failed (reported with the error).
@@ -243,7 +257,11 @@ impl Spawn {
             // SAFETY: a descriptor we own from here on.
             unsafe { OwnedFd::from_raw_fd(fd as i32) }
         });
-        Ok(Child { pid, pidfd })
+        Ok(Child {
+            pid,
+            pidfd,
+            reaped: false,
+        })
     }
 }
 
@@ -365,6 +383,7 @@ impl Child {
                 .await
                 .map_err(io::Error::other)?,
         };
+        self.reaped = true;
         Ok(ExitStatus::from_raw(status))
     }
 }
