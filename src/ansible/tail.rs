@@ -73,14 +73,29 @@ impl EventTail {
         self.consumed
     }
 
+    fn open(&mut self) -> io::Result<&mut File> {
+        let file = match self.file.take() {
+            Some(file) => file,
+            None => {
+                let mut file = File::open(&self.path)?;
+                file.seek(SeekFrom::Start(self.pos))?;
+                file
+            }
+        };
+        Ok(self.file.insert(file))
+    }
+
+    /// Whether the file changed size since the last read: one `fstat` of the open descriptor,
+    /// cheap enough for the actor's thread, so an idle task costs no trip to the blocking pool.
+    pub fn changed(&mut self) -> io::Result<bool> {
+        let pos = self.pos;
+        Ok(self.open()?.metadata()?.len() != pos)
+    }
+
     /// Reads at most one chunk. With `writer_gone`, what follows the last newline is handed out
     /// as [`Piece::Cut`] (nothing will complete it).
     pub fn read(&mut self, writer_gone: bool) -> io::Result<Chunk> {
-        if self.file.is_none() {
-            let mut file = File::open(&self.path)?;
-            file.seek(SeekFrom::Start(self.pos))?;
-            self.file = Some(file);
-        }
+        self.open()?;
         let Some(file) = self.file.as_mut() else {
             return Ok(Chunk::default());
         };
@@ -95,7 +110,9 @@ impl EventTail {
             self.skipping = None;
             chunk.pieces.push((len, Piece::Truncated(len)));
         }
-        let mut buf = vec![0u8; CHUNK];
+        // Only as much as there is (a poll of an idle task allocates nothing).
+        let avail = usize::try_from(len.saturating_sub(self.pos)).unwrap_or(CHUNK);
+        let mut buf = vec![0u8; avail.min(CHUNK)];
         let n = read_full(file, &mut buf)?;
         buf.truncate(n);
         self.pos += n as u64;
