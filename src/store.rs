@@ -118,6 +118,8 @@ pub struct HostState {
 
 #[derive(Insertable)]
 #[diesel(table_name = task_hosts)]
+// A `None` is NULL (the columns' default), so that many rows go into one INSERT on SQLite too.
+#[diesel(treat_none_as_default_value = false)]
 struct NewHost<'a> {
     task_id: i64,
     host: &'a str,
@@ -364,8 +366,28 @@ pub fn mark_running(
             (1, Some(task)) => task,
             _ => return Ok(false),
         };
-        for host in nodes {
-            insert_host(conn, &task, host, None, started_at, None)?;
+        // A row per node, HOST_ROWS_PER_STATEMENT to a statement.
+        let rows: Vec<NewHost> = nodes
+            .iter()
+            .map(|host| NewHost {
+                task_id: task.id,
+                host,
+                result: None,
+                correlation_id: &task.correlation_id,
+                source: &task.source,
+                created_at: started_at,
+                ended_at: None,
+            })
+            .collect();
+        for rows in rows.chunks(HOST_ROWS_PER_STATEMENT) {
+            match conn {
+                DbConnection::Pg(c) => diesel::insert_into(task_hosts::table)
+                    .values(rows)
+                    .execute(c)?,
+                DbConnection::Sqlite(c) => diesel::insert_into(task_hosts::table)
+                    .values(rows)
+                    .execute(c)?,
+            };
         }
         Ok(true)
     })
@@ -420,6 +442,9 @@ fn update_host(
     .set(state)
     .execute(conn)
 }
+
+/// Rows of one multi-row host insert (7 binds each).
+const HOST_ROWS_PER_STATEMENT: usize = 1000;
 
 /// Rows of one multi-row event insert (7 binds each).
 const EVENT_ROWS_PER_STATEMENT: usize = 500;

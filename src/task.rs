@@ -188,13 +188,17 @@ impl EndFile {
     }
 }
 
-/// Kills the task's process group and tells the supervisor if the actor goes away without having
-/// recorded its end (its code panicked). Not when the whole server is shutting down: then the
-/// process is left to the next start, which adopts it.
+/// Kills every process of the task (its cgroup, and its process group) and tells the supervisor
+/// if the actor goes away without having recorded its end (its code panicked). Not when the whole
+/// server is shutting down: then the process is left to the next start, which adopts it.
 struct Guard {
     id: i64,
     supervisor: Recipient<TaskReport>,
     pgid: Option<i32>,
+    /// ansible's workers each start a session of their own: only the cgroup holds them all
+    /// (without one, they are found by the run directory's mark).
+    cgroup: Option<TaskCgroup>,
+    dir: PathBuf,
     armed: bool,
     shutting_down: Arc<AtomicBool>,
 }
@@ -203,6 +207,13 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if !self.armed || self.shutting_down.load(Ordering::SeqCst) {
             return;
+        }
+        match (&self.cgroup, self.pgid) {
+            (Some(cg), _) => cg.kill(),
+            (None, Some(pgid)) => {
+                procs::kill_leftovers(&self.dir.to_string_lossy(), &self.dir, Some(pgid));
+            }
+            (None, None) => {}
         }
         if let Some(pgid) = self.pgid {
             procs::signal_group(pgid, Signal::SIGKILL);
@@ -273,6 +284,7 @@ impl TaskActor {
         exec: Exec,
         log: Logger,
     ) -> TaskActor {
+        let guard_dir = dir.path.clone();
         TaskActor {
             // Read from the start, also when adopted: the host state is rebuilt from every line.
             tail: Some(EventTail::new(dir.events(), 0)),
@@ -282,6 +294,8 @@ impl TaskActor {
                 id: spec.id,
                 supervisor: supervisor.clone(),
                 pgid: None,
+                cgroup: None,
+                dir: guard_dir,
                 armed: true,
                 shutting_down,
             },
@@ -353,12 +367,21 @@ impl TaskActor {
         if self.reading {
             return;
         }
+        let output = self.dir.output();
+        let limit = self.settings.max_output_bytes;
+        // An idle task (nothing new in events.jsonl, output.log within its limit) is checked
+        // here with an fstat and a stat, without a trip to the blocking pool and back.
+        let output_over = std::fs::metadata(&output).map_or(true, |m| m.len() > limit);
+        let Some(tail) = self.tail.as_mut() else {
+            return;
+        };
+        if !output_over && !tail.changed().unwrap_or(true) {
+            return;
+        }
         let Some(tail) = self.tail.take() else {
             return;
         };
         self.reading = true;
-        let output = self.dir.output();
-        let limit = self.settings.max_output_bytes;
         let read = async move {
             tokio::task::spawn_blocking(move || {
                 let mut tail = tail;
@@ -825,6 +848,7 @@ impl TaskActor {
                         act.end(Exit::NotStarted(reason), ctx);
                     }
                     Ok((child, started, cgroup)) => {
+                        act.guard.cgroup = cgroup.clone();
                         act.cgroup = cgroup;
                         act.on_spawned(child, started, ctx)
                     }
@@ -932,6 +956,7 @@ impl Actor for TaskActor {
                     .unwrap_or((None, None))
                 };
                 ctx.wait(found.into_actor(self).map(move |(cgroup, mark), act, ctx| {
+                    act.guard.cgroup = cgroup.clone();
                     act.cgroup = cgroup;
                     act.mark = mark.map(|m| m.trim().to_owned()).filter(|m| !m.is_empty());
                     if procs::is_alive(pid, start_time) {
