@@ -186,6 +186,26 @@ impl Bench {
     }
 }
 
+impl Drop for Subject {
+    fn drop(&mut self) {
+        // The server first, then its database (a bench leaves no database behind).
+        let _ = self.server.child.kill();
+        let _ = self.server.child.wait();
+        if let Some((child, _)) = self.sql.get_mut().ok().and_then(Option::take) {
+            drop(child);
+        }
+        if self.db == Db::Postgres {
+            if let Some((base, database)) = self.url.rsplit_once('/') {
+                let admin = format!("{base}/postgres");
+                let _ = Command::new("psql")
+                    .args(["-X", "-q", &admin, "-c"])
+                    .arg(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                    .output();
+            }
+        }
+    }
+}
+
 impl Drop for Bench {
     fn drop(&mut self) {
         common::remove_cgroups(&self.cg);
