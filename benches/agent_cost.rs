@@ -150,16 +150,19 @@ impl Bench {
         }
     }
 
+    /// A fresh PostgreSQL database for `name`; its URL. [`drop_database`] removes it.
+    fn database(&self, name: &str) -> String {
+        let database = format!("dlcost_{}_{}", std::process::id(), name.replace('-', "_"));
+        psql(&self.pg_url, &format!("CREATE DATABASE {database}"));
+        let (base, _) = self.pg_url.rsplit_once('/').expect("a URL with a database");
+        format!("{base}/{database}")
+    }
+
     /// A fresh server on a fresh database, with these settings on top of the bench's own.
     fn server(&self, name: &str, db: Db, settings: &[(&str, String)]) -> Subject {
         let work = self.dir.join(name);
         let url = match db {
-            Db::Postgres => {
-                let database = format!("dlcost_{}_{}", std::process::id(), name.replace('-', "_"));
-                psql(&self.pg_url, &format!("CREATE DATABASE {database}"));
-                let (base, _) = self.pg_url.rsplit_once('/').expect("a URL with a database");
-                format!("{base}/{database}")
-            }
+            Db::Postgres => self.database(name),
             Db::Sqlite => format!("sqlite://{}/downlink.db", work.display()),
         };
         let mut all: Vec<(&str, String)> = vec![
@@ -195,14 +198,18 @@ impl Drop for Subject {
             drop(child);
         }
         if self.db == Db::Postgres {
-            if let Some((base, database)) = self.url.rsplit_once('/') {
-                let admin = format!("{base}/postgres");
-                let _ = Command::new("psql")
-                    .args(["-X", "-q", &admin, "-c"])
-                    .arg(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-                    .output();
-            }
+            drop_database(&self.url);
         }
+    }
+}
+
+/// Drops the database `url` names (its sessions too), through the `postgres` database beside it.
+fn drop_database(url: &str) {
+    if let Some((base, database)) = url.rsplit_once('/') {
+        let _ = Command::new("psql")
+            .args(["-X", "-q", &format!("{base}/postgres"), "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            .output();
     }
 }
 
@@ -501,10 +508,7 @@ fn p5(b: &Bench, secs: u64) {
     });
     let rps = done.load(Ordering::Relaxed) as f64 / wall;
     drop(s);
-    let database = format!("dlcost_{}_pgbench", std::process::id());
-    psql(&b.pg_url, &format!("CREATE DATABASE {database}"));
-    let (base, _) = b.pg_url.rsplit_once('/').expect("a URL with a database");
-    let url = format!("{base}/{database}");
+    let url = b.database("pgbench");
     let init = Command::new("pgbench")
         .args(["-i", "-q", "-s", "1", &url])
         .output()
@@ -534,7 +538,7 @@ fn p5(b: &Bench, secs: u64) {
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("pgbench said: {text}"));
-    psql(&b.pg_url, &format!("DROP DATABASE {database}"));
+    drop_database(&url);
     println!(
         "P5 ratio={:.2} (/api/check {rps:.0} requests/s against pgbench -S {tps:.0} transactions/s, 16 clients each, {secs} s; target >= 0.5)",
         rps / tps

@@ -369,15 +369,7 @@ pub fn mark_running(
         // A row per node, HOST_ROWS_PER_STATEMENT to a statement.
         let rows: Vec<NewHost> = nodes
             .iter()
-            .map(|host| NewHost {
-                task_id: task.id,
-                host,
-                result: None,
-                correlation_id: &task.correlation_id,
-                source: &task.source,
-                created_at: started_at,
-                ended_at: None,
-            })
+            .map(|host| NewHost::of(&task, host, None, started_at, None))
             .collect();
         for rows in rows.chunks(HOST_ROWS_PER_STATEMENT) {
             match conn {
@@ -393,6 +385,27 @@ pub fn mark_running(
     })
 }
 
+impl<'a> NewHost<'a> {
+    /// The row of `host` for `task` (which gives it its correlation id and source).
+    fn of(
+        task: &'a Task,
+        host: &'a str,
+        result: Option<&'a str>,
+        created_at: NaiveDateTime,
+        ended_at: Option<NaiveDateTime>,
+    ) -> NewHost<'a> {
+        NewHost {
+            task_id: task.id,
+            host,
+            result,
+            correlation_id: &task.correlation_id,
+            source: &task.source,
+            created_at,
+            ended_at,
+        }
+    }
+}
+
 fn insert_host(
     conn: &mut DbConnection,
     task: &Task,
@@ -402,15 +415,7 @@ fn insert_host(
     ended_at: Option<NaiveDateTime>,
 ) -> Result<(), DieselError> {
     diesel::insert_into(task_hosts::table)
-        .values(NewHost {
-            task_id: task.id,
-            host,
-            result,
-            correlation_id: &task.correlation_id,
-            source: &task.source,
-            created_at,
-            ended_at,
-        })
+        .values(NewHost::of(task, host, result, created_at, ended_at))
         .execute(conn)
         .map(|_| ())
 }

@@ -198,7 +198,7 @@ struct Guard {
     /// ansible's workers each start a session of their own: only the cgroup holds them all
     /// (without one, they are found by the run directory's mark).
     cgroup: Option<TaskCgroup>,
-    dir: PathBuf,
+    dir: RunDir,
     armed: bool,
     shutting_down: Arc<AtomicBool>,
 }
@@ -211,7 +211,7 @@ impl Drop for Guard {
         match (&self.cgroup, self.pgid) {
             (Some(cg), _) => cg.kill(),
             (None, Some(pgid)) => {
-                procs::kill_leftovers(&self.dir.to_string_lossy(), &self.dir, Some(pgid));
+                procs::kill_leftovers(&self.dir.mark(), &self.dir.path, Some(pgid));
             }
             (None, None) => {}
         }
@@ -284,7 +284,7 @@ impl TaskActor {
         exec: Exec,
         log: Logger,
     ) -> TaskActor {
-        let guard_dir = dir.path.clone();
+        let guard_dir = dir.clone();
         TaskActor {
             // Read from the start, also when adopted: the host state is rebuilt from every line.
             tail: Some(EventTail::new(dir.events(), 0)),

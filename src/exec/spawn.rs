@@ -62,17 +62,25 @@ impl Drop for Child {
     }
 }
 
-/// Which step of the child failed (reported with the error).
-const STEPS: [&str; 7] = [
-    "",
-    "cannot start a session",
-    "cannot join the task's cgroup",
-    "cannot change to the run_as user",
-    "cannot redirect standard input and output",
-    "cannot enter the run directory",
-    "",
-];
+/// The child's steps, as it reports the one that failed (`execve`'s own error is returned as
+/// it is, like `Command::spawn`'s).
+const STEP_SESSION: i32 = 1;
+const STEP_CGROUP: i32 = 2;
+const STEP_IDS: i32 = 3;
+const STEP_STDIO: i32 = 4;
+const STEP_CWD: i32 = 5;
 const STEP_EXEC: i32 = 6;
+
+fn step_name(step: i32) -> Option<&'static str> {
+    match step {
+        STEP_SESSION => Some("cannot start a session"),
+        STEP_CGROUP => Some("cannot join the task's cgroup"),
+        STEP_IDS => Some("cannot change to the run_as user"),
+        STEP_STDIO => Some("cannot redirect standard input and output"),
+        STEP_CWD => Some("cannot enter the run directory"),
+        _ => None,
+    }
+}
 
 /// Everything the child reads, prepared before the clone; `err` and `step` are written by it.
 #[repr(C)]
@@ -244,11 +252,9 @@ impl Spawn {
         if step != 0 {
             reap(pid);
             let os = io::Error::from_raw_os_error(err);
-            return Err(match STEPS.get(step as usize) {
-                Some(what) if step != STEP_EXEC && !what.is_empty() => {
-                    io::Error::new(os.kind(), format!("{what}: {os}"))
-                }
-                _ => os,
+            return Err(match step_name(step) {
+                Some(what) => io::Error::new(os.kind(), format!("{what}: {os}")),
+                None => os,
             });
         }
         // SAFETY: pidfd_open on our own unreaped child; a new descriptor or -1.
@@ -292,16 +298,16 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         if libc::syscall(libc::SYS_setsid) < 0 {
-            fail(a, 1);
+            fail(a, STEP_SESSION);
         }
         for i in 0..a.join_len {
             let fd = libc::open(*a.join.add(i), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
-                fail(a, 2);
+                fail(a, STEP_CGROUP);
             }
             let written = libc::write(fd, b"0".as_ptr().cast(), 1);
             if written != 1 {
-                fail(a, 2);
+                fail(a, STEP_CGROUP);
             }
             libc::close(fd);
         }
@@ -311,15 +317,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 || libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) < 0
                 || libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) < 0
             {
-                fail(a, 3);
+                fail(a, STEP_IDS);
             }
         }
         if libc::dup2(a.stdin, 0) < 0 || libc::dup2(a.output, 1) < 0 || libc::dup2(a.output, 2) < 0
         {
-            fail(a, 4);
+            fail(a, STEP_STDIO);
         }
         if libc::chdir(a.cwd) < 0 {
-            fail(a, 5);
+            fail(a, STEP_CWD);
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
