@@ -33,6 +33,8 @@ use crate::supervisor::TaskSupervisor;
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub pool: Pool,
+    /// The HTTP workers' own PostgreSQL read connections, when the URL allows them.
+    pub readers: Option<crate::readers::Readers>,
     pub persistence: Addr<Persistence>,
     pub supervisor: Addr<TaskSupervisor>,
     pub log: Logger,
@@ -284,6 +286,11 @@ where
     })
     .await
     .map_err(|e| ApiError::Other(format!("internal error: {e}")))?;
+    read_failed(log, result)
+}
+
+/// A read's result, with a failure logged and turned into the API's error.
+pub fn read_failed<T>(log: &Logger, result: Result<T, StoreError>) -> Result<T, ApiError> {
     result.map_err(|e| {
         warn!(log, "database read failed"; "error" => %e);
         ApiError::from(e)

@@ -35,6 +35,7 @@ pub mod health;
 pub mod logging;
 pub mod persistence;
 pub mod procs;
+pub mod readers;
 pub mod recovery;
 pub mod schema;
 pub mod server;

@@ -38,6 +38,7 @@ const DB_START_WAIT: Duration = Duration::from_secs(30);
 pub struct Prepared {
     pub settings: Arc<Settings>,
     pub pool: Pool,
+    pub readers: Option<crate::readers::Readers>,
     pub run_root: PathBuf,
     pub recover: Recover,
     pub tracking: Tracking,
@@ -113,14 +114,42 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
         Tracking::Cgroup(_) => info!(log, "process tracking"; "mode" => tracking.describe()),
         Tracking::Fallback(_) => warn!(log, "process tracking"; "mode" => tracking.describe()),
     }
+    let readers = http_readers(&settings, &target, log);
     Ok(Prepared {
         settings: Arc::new(settings),
         pool,
+        readers,
         run_root,
         recover,
         tracking,
         run_as,
     })
+}
+
+/// On PostgreSQL, two read connections for each HTTP worker, of its own, when tokio-postgres reads
+/// the URL; otherwise the pool serves every read. Two, not more: reads share a connection at once
+/// (pipelined), and on the 2-core bench machine 1, 2 and 4 a worker answered alike; a second one
+/// keeps a slow statement from holding every read of its worker.
+fn http_readers(
+    settings: &Settings,
+    target: &Target,
+    log: &Logger,
+) -> Option<crate::readers::Readers> {
+    let Target::Postgres(url) = target else {
+        return None;
+    };
+    let per_worker = 2;
+    let timeout = Duration::from_secs(settings.db_statement_timeout_secs);
+    match crate::readers::Readers::new(url, per_worker, timeout) {
+        Ok(readers) => {
+            info!(log, "HTTP workers read on connections of their own"; "per_worker" => per_worker);
+            Some(readers)
+        }
+        Err(why) => {
+            info!(log, "HTTP workers read through the pool"; "why" => why);
+            None
+        }
+    }
 }
 
 /// Serves until `shutdown` completes, then shuts down gracefully: `parallel_run` callers are
@@ -136,6 +165,7 @@ pub async fn run(
     let Prepared {
         settings,
         pool,
+        readers,
         run_root,
         recover,
         tracking,
@@ -184,6 +214,7 @@ pub async fn run(
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
+        readers,
         persistence: persistence.clone(),
         supervisor: supervisor.clone(),
         log: log.clone(),

@@ -258,19 +258,20 @@ pub fn get_task(conn: &mut DbConnection, id: i64) -> Result<Option<Task>, StoreE
 }
 
 /// The summary of the task with this id and name and its host rows in node order, in one
-/// statement (`/api/check` is the hottest read).
+/// statement (`/api/check` is the hottest read; on PostgreSQL the HTTP workers send the same
+/// statement themselves, `readers::task_with_hosts`).
 pub fn task_with_hosts(
     conn: &mut DbConnection,
     id: i64,
     name: &str,
 ) -> Result<Option<(TaskSummary, Vec<HostRow>)>, StoreError> {
-    let rows: Vec<(TaskSummary, Option<HostRow>)> = tasks::table
+    let rows: Vec<(TaskSummary, Option<HostRow>)> = crate::on_backend!(conn, |c| tasks::table
         .left_join(task_hosts::table)
         .filter(tasks::id.eq(id))
         .filter(tasks::name.eq(name))
         .order(task_hosts::id.asc())
         .select((TaskSummary::as_select(), Option::<HostRow>::as_select()))
-        .load(conn)?;
+        .load(c))?;
     let mut rows = rows.into_iter();
     let Some((task, first)) = rows.next() else {
         return Ok(None);
