@@ -110,15 +110,17 @@ fn serve(settings: Settings, log: &slog::Logger) -> anyhow::Result<()> {
     let prepared = server::prepare(settings, log)?;
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {bind}"))?;
     info!(log, "listening"; "address" => listener.local_addr()?.to_string());
-    actix_web::rt::System::new()
-        .block_on(server::run(
-            prepared,
-            listener,
-            log.clone(),
-            signal(),
-            |_| {},
-        ))
-        .context("server")?;
+    actix_web::rt::System::with_tokio_rt(|| {
+        server::runtime("dl-blocking", server::ACTOR_BLOCKING_THREADS)
+    })
+    .block_on(server::run(
+        prepared,
+        listener,
+        log.clone(),
+        signal(),
+        |_| {},
+    ))
+    .context("server")?;
     info!(log, "stopped");
     Ok(())
 }

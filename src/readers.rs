@@ -35,6 +35,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ReadConn {
     client: tokio_postgres::Client,
     task_with_hosts: OnceCell<tokio_postgres::Statement>,
+    task_hosts: OnceCell<tokio_postgres::Statement>,
+}
+
+impl ReadConn {
+    /// `sql`'s statement on this connection, prepared on first use.
+    async fn prepared(
+        &self,
+        cell: &OnceCell<tokio_postgres::Statement>,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement, StoreError> {
+        cell.get_or_try_init(|| self.client.prepare(sql))
+            .await
+            .cloned()
+            .map_err(unavailable)
+    }
 }
 
 /// How to open a worker's read connections, shared by all workers.
@@ -154,6 +169,7 @@ impl Readers {
         Ok(Rc::new(ReadConn {
             client,
             task_with_hosts: OnceCell::new(),
+            task_hosts: OnceCell::new(),
         }))
     }
 }
@@ -162,12 +178,28 @@ fn unavailable(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// The columns of `HostRow`, in its order, for a table aliased `h`.
+macro_rules! host_columns {
+    () => {
+        "h.id, h.task_id, h.host, h.result, h.ok, h.changed, h.failed, h.unreachable, h.skipped, \
+         h.rescued, h.ignored, h.msg, h.correlation_id, h.source, h.created_at, h.ended_at"
+    };
+}
+
 /// `store::task_with_hosts`'s statement, in the columns of `TaskSummary` and `HostRow`.
-const TASK_WITH_HOSTS: &str = "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, \
-     t.updated_at, h.id, h.task_id, h.host, h.result, h.ok, h.changed, h.failed, h.unreachable, \
-     h.skipped, h.rescued, h.ignored, h.msg, h.correlation_id, h.source, h.created_at, h.ended_at \
-     FROM tasks t LEFT JOIN task_hosts h ON h.task_id = t.id \
-     WHERE t.id = $1 AND t.name = $2 ORDER BY h.id";
+const TASK_WITH_HOSTS: &str = concat!(
+    "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, t.updated_at, ",
+    host_columns!(),
+    " FROM tasks t LEFT JOIN task_hosts h ON h.task_id = t.id \
+     WHERE t.id = $1 AND t.name = $2 ORDER BY h.id"
+);
+
+/// `store::task_hosts`'s statement.
+const TASK_HOSTS: &str = concat!(
+    "SELECT ",
+    host_columns!(),
+    " FROM task_hosts h WHERE h.task_id = $1 ORDER BY h.id"
+);
 
 /// What `store::task_with_hosts` answers, read on a worker's own connection.
 pub async fn task_with_hosts(
@@ -176,13 +208,11 @@ pub async fn task_with_hosts(
     name: &str,
 ) -> Result<Option<(TaskSummary, Vec<HostRow>)>, StoreError> {
     let statement = conn
-        .task_with_hosts
-        .get_or_try_init(|| conn.client.prepare(TASK_WITH_HOSTS))
-        .await
-        .map_err(unavailable)?;
+        .prepared(&conn.task_with_hosts, TASK_WITH_HOSTS)
+        .await?;
     let rows = conn
         .client
-        .query(statement, &[&id, &name])
+        .query(&statement, &[&id, &name])
         .await
         .map_err(unavailable)?;
     let Some(first) = rows.first() else {
@@ -200,29 +230,49 @@ pub async fn task_with_hosts(
     let mut hosts = Vec::with_capacity(rows.len());
     for row in &rows {
         // A task without hosts yet: one row, NULL host columns.
-        let Some(id) = row.try_get::<_, Option<i64>>(7).map_err(unavailable)? else {
-            continue;
-        };
-        hosts.push(HostRow {
-            id,
-            task_id: row.try_get(8).map_err(unavailable)?,
-            host: row.try_get(9).map_err(unavailable)?,
-            result: row.try_get(10).map_err(unavailable)?,
-            ok: row.try_get(11).map_err(unavailable)?,
-            changed: row.try_get(12).map_err(unavailable)?,
-            failed: row.try_get(13).map_err(unavailable)?,
-            unreachable: row.try_get(14).map_err(unavailable)?,
-            skipped: row.try_get(15).map_err(unavailable)?,
-            rescued: row.try_get(16).map_err(unavailable)?,
-            ignored: row.try_get(17).map_err(unavailable)?,
-            msg: row.try_get(18).map_err(unavailable)?,
-            correlation_id: row.try_get(19).map_err(unavailable)?,
-            source: row.try_get(20).map_err(unavailable)?,
-            created_at: row.try_get(21).map_err(unavailable)?,
-            ended_at: row.try_get(22).map_err(unavailable)?,
-        });
+        if row
+            .try_get::<_, Option<i64>>(7)
+            .map_err(unavailable)?
+            .is_some()
+        {
+            hosts.push(host_row(row, 7)?);
+        }
     }
     Ok(Some((task, hosts)))
+}
+
+/// What `store::task_hosts` answers, read on a worker's own connection.
+pub async fn task_hosts(conn: &ReadConn, task_id: i64) -> Result<Vec<HostRow>, StoreError> {
+    let statement = conn.prepared(&conn.task_hosts, TASK_HOSTS).await?;
+    let rows = conn
+        .client
+        .query(&statement, &[&task_id])
+        .await
+        .map_err(unavailable)?;
+    rows.iter().map(|row| host_row(row, 0)).collect()
+}
+
+/// The `HostRow` in `row`'s columns from `at` on (`host_columns!`).
+fn host_row(row: &tokio_postgres::Row, at: usize) -> Result<HostRow, StoreError> {
+    let get = |i: usize| at + i;
+    Ok(HostRow {
+        id: row.try_get(get(0)).map_err(unavailable)?,
+        task_id: row.try_get(get(1)).map_err(unavailable)?,
+        host: row.try_get(get(2)).map_err(unavailable)?,
+        result: row.try_get(get(3)).map_err(unavailable)?,
+        ok: row.try_get(get(4)).map_err(unavailable)?,
+        changed: row.try_get(get(5)).map_err(unavailable)?,
+        failed: row.try_get(get(6)).map_err(unavailable)?,
+        unreachable: row.try_get(get(7)).map_err(unavailable)?,
+        skipped: row.try_get(get(8)).map_err(unavailable)?,
+        rescued: row.try_get(get(9)).map_err(unavailable)?,
+        ignored: row.try_get(get(10)).map_err(unavailable)?,
+        msg: row.try_get(get(11)).map_err(unavailable)?,
+        correlation_id: row.try_get(get(12)).map_err(unavailable)?,
+        source: row.try_get(get(13)).map_err(unavailable)?,
+        created_at: row.try_get(get(14)).map_err(unavailable)?,
+        ended_at: row.try_get(get(15)).map_err(unavailable)?,
+    })
 }
 
 /// Accepts the server's certificate as libpq does for `sslmode` prefer and require (it checks

@@ -29,6 +29,43 @@ use actix_web::http::header::AUTHORIZATION;
 use actix_web::ResponseError;
 use futures_util::future::Either;
 
+/// How long an idle blocking thread lives. Tokio's 10 s made the thread count follow every burst
+/// of blocking jobs (R7 of `benches/agent_cost`: +8.5 % over 100,000 tasks).
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(600);
+/// Blocking threads started with the actors' runtime (spawns, signals, run-directory files): more
+/// than a burst of task starts and ends at 250 tasks/s needs (12 seen).
+pub const ACTOR_BLOCKING_THREADS: usize = 32;
+
+/// A single-thread runtime whose blocking threads are named `name`, with `prestart` of them started
+/// at once and kept [`BLOCKING_KEEP_ALIVE`] when idle: a busy server's thread count stays flat
+/// instead of following each burst. More start when more are needed.
+pub fn runtime(name: &'static str, prestart: usize) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name(name)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .build()
+        .expect("a tokio runtime (it needs an epoll and an eventfd)");
+    if prestart > 0 {
+        // All of them at once: a barrier holds each until the last has started.
+        let all = Arc::new(std::sync::Barrier::new(prestart));
+        rt.block_on(async {
+            let started: Vec<_> = (0..prestart)
+                .map(|_| {
+                    let all = all.clone();
+                    tokio::task::spawn_blocking(move || {
+                        all.wait();
+                    })
+                })
+                .collect();
+            for s in started {
+                let _ = s.await;
+            }
+        });
+    }
+    rt
+}
+
 /// How long a pool waits for a connection before the caller is told the database is unavailable.
 const DB_WAIT: Duration = Duration::from_secs(5);
 /// How long the first connection at start may take (the database may be starting too).
@@ -181,10 +218,15 @@ pub async fn run(
         db_health.clone(),
         Duration::from_secs(settings.db_retry_secs),
     );
-    let persistence = Persistence::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-        let (pool, log, health, retry_for) = writer;
-        Persistence::new(pool, log, health, retry_for)
-    });
+    // Its blocking jobs: a batch, and new tasks' inserts (as many at once as the pool has).
+    let writer_threads = settings.pool_size as usize + 1;
+    let persistence = Persistence::start_in_arbiter(
+        &Arbiter::with_tokio_rt(move || runtime("dl-writer", writer_threads)).handle(),
+        move |_| {
+            let (pool, log, health, retry_for) = writer;
+            Persistence::new(pool, log, health, retry_for)
+        },
+    );
     let slots = QueueSlots::new(settings.max_queued);
     let control_dir = rundir::control_dir(&run_root);
     let connections = Connections::new(
