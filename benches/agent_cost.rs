@@ -541,8 +541,8 @@ fn p5(b: &Bench, secs: u64) {
     );
 }
 
-/// The statement `/api/check` sends (`store::task_with_hosts`), as diesel writes it.
-const CHECK_STATEMENT: &str = "SELECT tasks.id, tasks.nodes, tasks.status, tasks.err, tasks.created_at, tasks.updated_at, task_hosts.id, task_hosts.host, task_hosts.result, task_hosts.ok, task_hosts.changed, task_hosts.failed, task_hosts.unreachable, task_hosts.skipped, task_hosts.rescued, task_hosts.ignored, task_hosts.msg, task_hosts.created_at, task_hosts.ended_at FROM tasks LEFT OUTER JOIN task_hosts ON tasks.id = task_hosts.task_id WHERE tasks.id = $1 AND tasks.name = 'p5-checked' ORDER BY task_hosts.id ASC;\n";
+/// The statement `/api/check` sends on PostgreSQL (`readers::task_with_hosts`).
+const CHECK_STATEMENT: &str = "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, t.updated_at, t.started_at, t.ended_at, h.id, h.task_id, h.host, h.result, h.ok, h.changed, h.failed, h.unreachable, h.skipped, h.rescued, h.ignored, h.msg, h.correlation_id, h.source, h.created_at, h.ended_at FROM tasks t LEFT JOIN task_hosts h ON h.task_id = t.id WHERE t.id = $1 AND t.name = 'p5-checked' ORDER BY h.id;\n";
 
 /// `/api/check` requests answered per second with this body, 16 callers for `secs` seconds;
 /// every answer must be as long as the first.

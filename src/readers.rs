@@ -175,7 +175,11 @@ impl Readers {
 }
 
 fn unavailable(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    // tokio-postgres keeps the cause (the server's message, a column's type) in `source`.
+    match std::error::Error::source(&e) {
+        Some(cause) => StoreError::Unavailable(format!("{e}: {cause}")),
+        None => StoreError::Unavailable(e.to_string()),
+    }
 }
 
 /// The columns of `HostRow`, in its order, for a table aliased `h`.
@@ -188,11 +192,15 @@ macro_rules! host_columns {
 
 /// `store::task_with_hosts`'s statement, in the columns of `TaskSummary` and `HostRow`.
 const TASK_WITH_HOSTS: &str = concat!(
-    "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, t.updated_at, ",
+    "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, t.updated_at, t.started_at, \
+     t.ended_at, ",
     host_columns!(),
     " FROM tasks t LEFT JOIN task_hosts h ON h.task_id = t.id \
      WHERE t.id = $1 AND t.name = $2 ORDER BY h.id"
 );
+
+/// Where `host_columns!` start in [`TASK_WITH_HOSTS`]'s rows.
+const HOSTS_AT: usize = 9;
 
 /// `store::task_hosts`'s statement.
 const TASK_HOSTS: &str = concat!(
@@ -226,16 +234,18 @@ pub async fn task_with_hosts(
         err: first.try_get(4).map_err(unavailable)?,
         created_at: first.try_get(5).map_err(unavailable)?,
         updated_at: first.try_get(6).map_err(unavailable)?,
+        started_at: first.try_get(7).map_err(unavailable)?,
+        ended_at: first.try_get(8).map_err(unavailable)?,
     };
     let mut hosts = Vec::with_capacity(rows.len());
     for row in &rows {
         // A task without hosts yet: one row, NULL host columns.
         if row
-            .try_get::<_, Option<i64>>(7)
+            .try_get::<_, Option<i64>>(HOSTS_AT)
             .map_err(unavailable)?
             .is_some()
         {
-            hosts.push(host_row(row, 7)?);
+            hosts.push(host_row(row, HOSTS_AT)?);
         }
     }
     Ok(Some((task, hosts)))

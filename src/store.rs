@@ -53,6 +53,8 @@ pub struct TaskSummary {
     pub err: Option<String>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    pub started_at: Option<NaiveDateTime>,
+    pub ended_at: Option<NaiveDateTime>,
 }
 
 /// A new task, as validated from a request.

@@ -318,6 +318,43 @@ impl Handler<Enqueue> for TaskSupervisor {
     }
 }
 
+/// Where a pending task stands in the queue, for `/api/check`.
+#[derive(Message)]
+#[rtype(result = "Option<QueuePlace>")]
+pub struct WhereInQueue(pub i64);
+
+/// A pending task's place: its position (1 = next to start) and what it waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePlace {
+    pub position: usize,
+    pub waiting_for: String,
+}
+
+impl Handler<WhereInQueue> for TaskSupervisor {
+    type Result = Option<QueuePlace>;
+    fn handle(&mut self, msg: WhereInQueue, _: &mut Context<Self>) -> Self::Result {
+        let ahead = self.queue.iter().position(|t| t.id == msg.0)?;
+        let max = self.settings.max_forks;
+        let needs = self.queue[ahead].forks.min(max);
+        let waiting_for = if self.closing {
+            "the server is shutting down; it starts after the next start".to_owned()
+        } else {
+            let forks = if needs == 1 { "fork" } else { "forks" };
+            let free = max.saturating_sub(self.used_forks);
+            let before = match ahead {
+                0 => "first in the queue".to_owned(),
+                1 => "1 task ahead".to_owned(),
+                n => format!("{n} tasks ahead"),
+            };
+            format!("needs {needs} {forks}, {free} of {max} free; {before}")
+        };
+        Some(QueuePlace {
+            position: ahead + 1,
+            waiting_for,
+        })
+    }
+}
+
 /// Why a task is being ended from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {

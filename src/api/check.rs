@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::fields::id_and_name;
 use super::{read_failed, read_store, success, ApiError, ApiRequest, AppState};
 use crate::store::{self, HostRow, TaskSummary};
+use crate::supervisor::WhereInQueue;
 use crate::time;
 
 /// The `content` of a check answer, keys in the contract's order.
@@ -25,6 +26,16 @@ pub struct CheckContent {
     pub status: i32,
     /// HTTP date of the last change.
     pub update_time: String,
+    /// While pending: 1 for the next task to start, 2 behind it, and so on; otherwise null.
+    /// Additive (not in the original contract).
+    pub queue_position: Option<usize>,
+    /// While pending, what the task waits for, e.g. `needs 5 forks, 2 of 50 free; 3 tasks ahead`;
+    /// otherwise null. Additive.
+    pub waiting_for: Option<String>,
+    /// HTTP date the task started running, null before. Additive.
+    pub started_time: Option<String>,
+    /// HTTP date the task ended, null before. Additive.
+    pub end_time: Option<String>,
 }
 
 /// One element of `log`.
@@ -87,6 +98,11 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let ApiRequest { body, log, .. } = req;
     let (id, name) = id_and_name(&body)?;
     let (task, hosts) = find(&state, &log, id, name).await?;
+    let place = if task.status == crate::status::Status::Pending.code() {
+        state.supervisor.send(WhereInQueue(id)).await.ok().flatten()
+    } else {
+        None
+    };
     let records: Vec<HostRecord> = hosts.iter().map(HostRecord::from).collect();
     Ok(success(CheckContent {
         create_time: time::http_date(task.created_at),
@@ -96,5 +112,9 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
         nodes: task.nodes,
         status: task.status,
         update_time: time::http_date(task.updated_at),
+        queue_position: place.as_ref().map(|p| p.position),
+        waiting_for: place.map(|p| p.waiting_for),
+        started_time: task.started_at.map(time::http_date),
+        end_time: task.ended_at.map(time::http_date),
     }))
 }

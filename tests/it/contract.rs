@@ -152,12 +152,14 @@ fn run_check_and_getlog_answer_exact_bodies(backend: Backend) {
         .collect();
     let err = format!("1 of 2 hosts failed: {DEAD} unreachable ({quoted})");
     let expected = format!(
-        "{{\"code\":0,\"content\":{{\"create_time\":\"{}\",\"err\":{},\"id\":1,\"log\":{},\"nodes\":{},\"status\":3,\"update_time\":\"{}\"}}}}",
+        "{{\"code\":0,\"content\":{{\"create_time\":\"{}\",\"err\":{},\"id\":1,\"log\":{},\"nodes\":{},\"status\":3,\"update_time\":\"{}\",\"queue_position\":null,\"waiting_for\":null,\"started_time\":\"{}\",\"end_time\":\"{}\"}}}}",
         http_date(task.created_at),
         json!(err),
         json!(expected_log),
         json!(format!("[\"{}\",\"{DEAD}\"]", HOSTS[0])),
         http_date(task.updated_at),
+        http_date(task.started_at.expect("started")),
+        http_date(task.ended_at.expect("ended")),
     );
     let (_, got) = server.post("/api/check", &json!({"id": 1, "name": "exact"}).to_string());
     assert_eq!(got, expected);

@@ -16,6 +16,7 @@ both_backends!(
     task_over_its_time_limit_ends_with_timeout,
     parallel_run_past_its_deadline_kills_the_task,
     ansible_failures_fail_the_task_with_the_reason,
+    queue_position_counts_down_as_tasks_end,
 );
 
 /// ok on .2, changed on .3, failed on .4, unreachable on the dead address.
@@ -328,4 +329,115 @@ fn ansible_failures_fail_the_task_with_the_reason(backend: Backend) {
         ["skipped", "skipped"],
         "every node still gets its record"
     );
+}
+
+/// `/api/check` of a task, its content.
+fn checked(server: &TestServer, id: i64, name: &str) -> serde_json::Value {
+    server.call("/api/check", json!({"id": id, "name": name}))["content"].clone()
+}
+
+/// A task (id, name) and its expected (queue_position, waiting_for): `None` for null and null.
+type Place<'a> = (i64, &'a str, Option<(u64, &'a str)>);
+
+/// Each task's (queue_position, waiting_for) in its check answer.
+fn assert_places(server: &TestServer, expected: &[Place]) {
+    for (id, name, place) in expected {
+        let c = checked(server, *id, name);
+        let want = match place {
+            Some((pos, text)) => (json!(pos), json!(text)),
+            None => (json!(null), json!(null)),
+        };
+        assert_eq!(
+            (c["queue_position"].clone(), c["waiting_for"].clone()),
+            want,
+            "{name}"
+        );
+    }
+}
+
+fn queue_position_counts_down_as_tasks_end(backend: Backend) {
+    use downlink::time::http_date;
+    let server = TestServer::start_with(backend, |s| s.max_forks = 2);
+    let two = &[HOSTS[0], HOSTS[1]];
+    let holder = server.run(run_body("holder", two, SLEEP_LONG));
+    server.wait_status(holder, &[2], 30);
+    let w1 = server.run(run_body("w1", two, SLEEP_LONG));
+    let w2 = server.run(run_body("w2", &[HOSTS[2]], SLEEP_LONG));
+    let w3 = server.run(run_body("w3", two, SLEEP_LONG));
+    assert_places(
+        &server,
+        &[
+            (
+                w1,
+                "w1",
+                Some((1, "needs 2 forks, 0 of 2 free; first in the queue")),
+            ),
+            (
+                w2,
+                "w2",
+                Some((2, "needs 1 fork, 0 of 2 free; 1 task ahead")),
+            ),
+            (
+                w3,
+                "w3",
+                Some((3, "needs 2 forks, 0 of 2 free; 2 tasks ahead")),
+            ),
+        ],
+    );
+    let running = checked(&server, holder, "holder");
+    let row = server.task(holder);
+    assert_eq!(
+        (
+            &running["queue_position"],
+            &running["waiting_for"],
+            &running["started_time"],
+            &running["end_time"]
+        ),
+        (
+            &json!(null),
+            &json!(null),
+            &json!(http_date(row.started_at.expect("started_at stored"))),
+            &json!(null)
+        )
+    );
+    assert_eq!(checked(&server, w1, "w1")["started_time"], json!(null));
+
+    server.call("/api/stop", json!({"id": holder, "name": "holder"}));
+    server.wait_status(w1, &[2], 30);
+    assert_places(
+        &server,
+        &[
+            (w1, "w1", None),
+            (
+                w2,
+                "w2",
+                Some((1, "needs 1 fork, 0 of 2 free; first in the queue")),
+            ),
+            (
+                w3,
+                "w3",
+                Some((2, "needs 2 forks, 0 of 2 free; 1 task ahead")),
+            ),
+        ],
+    );
+    let ended = checked(&server, holder, "holder");
+    let row = server.task(holder);
+    assert_eq!(
+        ended["end_time"],
+        json!(http_date(row.ended_at.expect("ended_at stored")))
+    );
+
+    server.call("/api/stop", json!({"id": w1, "name": "w1"}));
+    server.wait_status(w2, &[2], 30);
+    let first = "needs 2 forks, 1 of 2 free; first in the queue";
+    assert_places(&server, &[(w3, "w3", Some((1, first)))]);
+    server.call("/api/stop", json!({"id": w3, "name": "w3"}));
+    assert_places(&server, &[(w3, "w3", None)]);
+    let stopped = checked(&server, w3, "w3");
+    assert_eq!(
+        (&stopped["status"], &stopped["started_time"]),
+        (&json!(5), &json!(null))
+    );
+    assert!(stopped["end_time"].is_string(), "{stopped}");
+    server.call("/api/stop", json!({"id": w2, "name": "w2"}));
 }
