@@ -43,5 +43,6 @@ pub mod settings;
 pub mod status;
 pub mod store;
 pub mod supervisor;
+pub mod systemd;
 pub mod task;
 pub mod time;

@@ -251,7 +251,8 @@ pub async fn run(
         log.clone(),
     )
     .start();
-    supervisor.do_send(recover);
+    // Handled before the listener starts, so READY=1 means the earlier tasks are adopted or queued.
+    let _ = supervisor.send(recover).await;
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let state = web::Data::new(AppState {
         settings: settings.clone(),
@@ -343,9 +344,12 @@ pub async fn run(
     let handle = server.handle();
     on_start(handle.clone());
     let serving = actix_web::rt::spawn(server);
+    crate::systemd::ready(&log, &format!("serving on {}", settings.bind));
+    crate::systemd::watchdog(supervisor.clone(), log.clone());
     shutdown.await;
 
     info!(log, "shutting down"; "stop_tasks" => settings.stop_tasks_on_shutdown);
+    crate::systemd::stopping(&log);
     let _ = closing_tx.send(true);
     let _ = supervisor
         .send(Close {

@@ -413,6 +413,16 @@ impl BinServer {
 
     /// The same, with `cwd` as the server's working directory (relative settings resolve there).
     pub fn start_in(settings: &Settings, dir: &Path, cwd: &Path) -> BinServer {
+        Self::start_with_env(settings, dir, cwd, &[])
+    }
+
+    /// The same, with these environment variables besides the settings.
+    pub fn start_with_env(
+        settings: &Settings,
+        dir: &Path,
+        cwd: &Path,
+        extra: &[(&str, String)],
+    ) -> BinServer {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().expect("addr").port()
@@ -428,6 +438,7 @@ impl BinServer {
             .env("HOME", std::env::var("HOME").unwrap_or_default())
             .envs(settings_env(settings))
             .env("DOWNLINK_BIND", format!("127.0.0.1:{port}"))
+            .envs(extra.iter().map(|(k, v)| (*k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)

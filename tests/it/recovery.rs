@@ -511,3 +511,79 @@ fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
         .iter()
         .all(|h| h.result.as_deref() == Some("interrupted")));
 }
+
+/// What systemd would hear on its notify socket: each datagram as text, until `until` matches one
+/// or `secs` pass.
+fn heard_until(socket: &std::os::unix::net::UnixDatagram, until: &str, secs: u64) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if let Ok(n) = socket.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            if heard.last().is_some_and(|m| m.contains(until)) {
+                break;
+            }
+        }
+    }
+    heard
+}
+
+#[test]
+fn systemd_hears_ready_after_recovery_then_watchdog_pings_then_stopping() {
+    let (dir, _db, settings, view) = setup(crate::harness::Backend::Sqlite, |s| s.max_forks = 1);
+    let mut first = BinServer::start(&settings, &dir.0);
+    let holder = run(&first, run_body("holder", &[HOSTS[0]], VICTIM));
+    let waiter = run(&first, run_body("waiter", &[HOSTS[1]], VICTIM));
+    view.wait_status(holder, &[2], 30);
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(10);
+
+    let path = dir.0.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", path.to_string_lossy().into_owned()),
+        ("WATCHDOG_USEC", "400000".to_owned()),
+    ];
+    let mut second = BinServer::start_with_env(&settings, &dir.0, &dir.0, &env);
+    let heard = heard_until(&socket, "READY=1", 30);
+    assert!(
+        heard.last().is_some_and(|m| m.contains("READY=1")),
+        "{heard:?}"
+    );
+    // Ready means recovered: the running task is adopted and the pending one queued again.
+    let check = |id: i64, name: &str| {
+        let (_, text) = second.post("/api/check", &json!({"id": id, "name": name}).to_string());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            v["content"]["status"].clone(),
+            v["content"]["queue_position"].clone(),
+        )
+    };
+    assert_eq!(check(holder, "holder"), (json!(2), json!(null)));
+    assert_eq!(check(waiter, "waiter"), (json!(1), json!(1)));
+    // Pings every 200 ms (half of WatchdogSec) while the supervisor answers.
+    let t = Instant::now();
+    let pings = heard_until(&socket, "never", 2)
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(
+        (5..=15).contains(&pings),
+        "{pings} pings in {:?}",
+        t.elapsed()
+    );
+    for (id, name) in [(waiter, "waiter"), (holder, "holder")] {
+        second.post("/api/stop", &json!({"id": id, "name": name}).to_string());
+    }
+    second.signal(Signal::SIGTERM);
+    let heard = heard_until(&socket, "STOPPING=1", 10);
+    assert!(
+        heard.last().is_some_and(|m| m.contains("STOPPING=1")),
+        "{heard:?}"
+    );
+    second.wait_exit(30);
+}
