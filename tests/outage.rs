@@ -238,6 +238,14 @@ fn readyz_and_run_follow_postgres_down_and_up() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(server.task_count(), 1, "the refused run stored nothing");
+    // The HTTP workers' own read connections were cut by the restart: a check opens new ones.
+    for _ in 0..4 {
+        let (_, body) = server.post(
+            "/api/check",
+            &json!({"id": id, "name": "before"}).to_string(),
+        );
+        assert!(body.starts_with("{\"code\":0,"), "{body}");
+    }
     let id = server.run(run_body("after", &[HOSTS[0]], "- ping:\n"));
     assert_eq!(server.wait_end(id, 60).status, 4);
 }
