@@ -63,6 +63,10 @@ pub enum DbError {
     Dir(PathBuf, std::io::Error),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
+    #[error(
+        "the database holds migrations this downlink does not know ({unknown}; the newest it knows is {newest}): a newer downlink upgraded it; run that version or a later one against it"
+    )]
+    NewerSchema { unknown: String, newest: String },
 }
 
 impl Target {
@@ -221,12 +225,60 @@ pub fn connect(target: &Target) -> Result<DbConnection, DbError> {
 }
 
 /// Applies every pending migration of the connection's backend; returns the versions applied.
+///
+/// On PostgreSQL this holds an advisory lock meanwhile, so agents that start at once apply each
+/// migration once (the others wait, then find nothing pending). A database holding a migration
+/// this binary does not know (a newer downlink applied it) is refused, not run against.
 pub fn migrate(conn: &mut DbConnection) -> Result<Vec<String>, DbError> {
-    let applied = match conn {
-        DbConnection::Pg(c) => c.run_pending_migrations(PG_MIGRATIONS),
-        DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+    match conn {
+        DbConnection::Pg(c) => {
+            let lock = |c: &mut PgConnection, f: &str| {
+                c.batch_execute(&format!("SELECT {f}({MIGRATION_LOCK})"))
+                    .map_err(|e| DbError::Migrate(e.to_string()))
+            };
+            lock(c, "pg_advisory_lock")?;
+            let applied = migrate_from(c, PG_MIGRATIONS);
+            // Also released when the connection closes.
+            let unlocked = lock(c, "pg_advisory_unlock");
+            let applied = applied?;
+            unlocked?;
+            Ok(applied)
+        }
+        // SQLite: the file's own lock keeps a second writer out, and each migration is a
+        // transaction.
+        DbConnection::Sqlite(c) => migrate_from(c, SQLITE_MIGRATIONS),
     }
-    .map_err(|e| DbError::Migrate(e.to_string()))?;
+}
+
+/// The advisory lock key held while migrating: "downlink" in ASCII, as a bigint.
+const MIGRATION_LOCK: i64 = 0x646f_776e_6c69_6e6b;
+
+fn migrate_from<DB, C>(conn: &mut C, source: EmbeddedMigrations) -> Result<Vec<String>, DbError>
+where
+    DB: diesel::backend::Backend,
+    C: MigrationHarness<DB>,
+    EmbeddedMigrations: diesel::migration::MigrationSource<DB>,
+{
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| DbError::Migrate(e.to_string());
+    let known: Vec<String> = diesel::migration::MigrationSource::<DB>::migrations(&source)
+        .map_err(failed)?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect();
+    let unknown: Vec<String> = conn
+        .applied_migrations()
+        .map_err(failed)?
+        .iter()
+        .map(ToString::to_string)
+        .filter(|v| !known.contains(v))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(DbError::NewerSchema {
+            unknown: unknown.join(", "),
+            newest: known.iter().max().cloned().unwrap_or_default(),
+        });
+    }
+    let applied = conn.run_pending_migrations(source).map_err(failed)?;
     Ok(applied.into_iter().map(|v| v.to_string()).collect())
 }
 

@@ -107,3 +107,79 @@ fn migrate_creates_the_tables(backend: Backend) {
     let unknown = conn.batch_execute("UPDATE tasks SET status = 9 WHERE name = 'x'");
     assert!(unknown.is_err());
 }
+
+/// `downlink migrate` on this database; its output.
+fn migrate(dir: &std::path::Path, url: &str) -> std::process::Output {
+    downlink()
+        .arg("migrate")
+        .current_dir(dir)
+        .env("DOWNLINK_DATABASE_URL", url)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn agents_migrating_at_once_apply_each_migration_once() {
+    let dir = TempDir::new();
+    let db = TestDb::new(Backend::Postgres, &dir.0);
+    let runs: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            downlink()
+                .arg("migrate")
+                .current_dir(&dir.0)
+                .env("DOWNLINK_DATABASE_URL", &db.url)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut applied = 0;
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{text}");
+        applied += text
+            .split("applied: ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no count in {text}"));
+    }
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        applied, migrations,
+        "each migration applied by exactly one of the four"
+    );
+}
+
+both_backends!(a_database_migrated_by_a_newer_downlink_is_refused);
+
+fn a_database_migrated_by_a_newer_downlink_is_refused(backend: Backend) {
+    use diesel::connection::SimpleConnection;
+    let dir = TempDir::new();
+    let db = TestDb::new(backend, &dir.0);
+    assert!(migrate(&dir.0, &db.url).status.success());
+    let target = downlink::db::Target::parse(&db.url).unwrap();
+    let mut conn = downlink::db::connect(&target).unwrap();
+    conn.batch_execute(
+        "INSERT INTO __diesel_schema_migrations (version) VALUES ('29991231000000')",
+    )
+    .unwrap();
+    drop(conn);
+    let expected = "the database holds migrations this downlink does not know (29991231000000; the newest it knows is 20261201000001): a newer downlink upgraded it; run that version or a later one against it";
+    let out = migrate(&dir.0, &db.url);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains(expected), "{text}");
+    let out = downlink()
+        .arg("serve")
+        .current_dir(&dir.0)
+        .env("DOWNLINK_DATABASE_URL", &db.url)
+        .env("DOWNLINK_BIND", "127.0.0.1:0")
+        .env("DOWNLINK_RUN_DIR", dir.0.join("runs"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains(expected), "{text}");
+}
