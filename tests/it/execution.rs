@@ -17,6 +17,7 @@ both_backends!(
     parallel_run_past_its_deadline_kills_the_task,
     ansible_failures_fail_the_task_with_the_reason,
     queue_position_counts_down_as_tasks_end,
+    the_dba_views_show_last_results_and_task_times,
 );
 
 /// ok on .2, changed on .3, failed on .4, unreachable on the dead address.
@@ -440,4 +441,70 @@ fn queue_position_counts_down_as_tasks_end(backend: Backend) {
     );
     assert!(stopped["end_time"].is_string(), "{stopped}");
     server.call("/api/stop", json!({"id": w2, "name": "w2"}));
+}
+
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct LastResult {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    host: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    task_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    result: Option<String>,
+}
+
+#[derive(diesel::QueryableByName, Debug)]
+struct Times {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    status_name: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    wait_secs: Option<f64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    run_secs: Option<f64>,
+}
+
+fn the_dba_views_show_last_results_and_task_times(backend: Backend) {
+    use diesel::RunQueryDsl;
+    let server = TestServer::start(backend);
+    let first = server.run(run_body("views-1", &[HOSTS[0], HOSTS[1]], "- ping:\n"));
+    server.wait_end(first, 60);
+    let failing = "- command: /bin/false\n";
+    let second = server.run(run_body("views-2", &[HOSTS[0]], failing));
+    server.wait_end(second, 60);
+    let last: Vec<LastResult> = server.view.read(|c| {
+        Ok(diesel::sql_query(
+            "SELECT host, task_id, result FROM host_last_results WHERE source = 'orion' ORDER BY host",
+        )
+        .load(c)?)
+    });
+    let row = |host: &str, task_id: i64, result: &str| LastResult {
+        host: host.into(),
+        task_id,
+        result: Some(result.into()),
+    };
+    assert_eq!(
+        last,
+        [row(HOSTS[0], second, "failed"), row(HOSTS[1], first, "ok")]
+    );
+    let times: Vec<Times> = server.view.read(|c| {
+        Ok(diesel::sql_query(
+            "SELECT id, status_name, wait_secs, run_secs FROM task_times ORDER BY id",
+        )
+        .load(c)?)
+    });
+    assert_eq!(times.len(), 2);
+    for (t, name) in times.iter().zip(["success", "failed"]) {
+        let task = server.task(t.id);
+        let secs = |d: chrono::TimeDelta| d.num_microseconds().unwrap() as f64 / 1e6;
+        let wait = secs(task.started_at.unwrap() - task.created_at);
+        let run = secs(task.ended_at.unwrap() - task.started_at.unwrap());
+        assert_eq!(t.status_name, name);
+        assert!(
+            (t.wait_secs.unwrap() - wait).abs() < 0.01,
+            "{t:?} wait {wait}"
+        );
+        assert!((t.run_secs.unwrap() - run).abs() < 0.01, "{t:?} run {run}");
+    }
 }

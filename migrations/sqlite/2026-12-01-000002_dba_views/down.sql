@@ -1,0 +1,2 @@
+DROP VIEW task_times;
+DROP VIEW host_last_results;
