@@ -65,6 +65,9 @@ pub struct Settings {
     pub max_event_bytes: usize,
     pub client_timeout_secs: u64,
     pub store_params: bool,
+    /// Delete the run directory's `extra_vars.json` (the params, often secrets) once the task has
+    /// ended.
+    pub remove_extra_vars_at_end: bool,
     pub db_retry_secs: u64,
     pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,

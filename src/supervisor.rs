@@ -522,6 +522,9 @@ impl Handler<Recover> for TaskSupervisor {
         for fin in end {
             let log = self.log.new(o!("task_id" => fin.id));
             warn!(log, "ending a task left by an earlier run"; "status" => fin.status.code(), "err" => fin.err.clone());
+            if self.settings.remove_extra_vars_at_end {
+                let _ = std::fs::remove_file(RunDir::of(&self.run_root, fin.id).extra_vars());
+            }
             self.owed.insert(fin.id, fin.clone());
             let id = fin.id;
             let sent = self.persistence.send(FinishTask(fin));

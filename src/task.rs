@@ -757,8 +757,16 @@ impl TaskActor {
         let dir = self.dir.clone();
         let persistence = self.persistence.clone();
         let status = fin.status;
+        let remove_params = self.settings.remove_extra_vars_at_end;
         let write = async move {
-            let _ = tokio::task::spawn_blocking(move || file.write(&dir)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if remove_params {
+                    // Gone already if an earlier server removed it before a crash.
+                    let _ = std::fs::remove_file(dir.extra_vars());
+                }
+                file.write(&dir)
+            })
+            .await;
             let sent = persistence.send(FinishTask(fin.clone())).await;
             (fin, sent)
         };

@@ -56,6 +56,11 @@ impl RunDir {
         self.path.join("output.log")
     }
 
+    /// The params, as ansible's `-e @extra_vars.json`.
+    pub fn extra_vars(&self) -> PathBuf {
+        self.path.join("extra_vars.json")
+    }
+
     /// The verdict file (see `task::EndFile`).
     pub fn verdict(&self) -> PathBuf {
         self.path.join("end.json")
@@ -166,7 +171,7 @@ pub fn prepare(
         Ok(Shape::Playbook) | Err(_) => fs::write(dir.path.join("playbook.yml"), job.content)?,
     }
     fs::write(
-        dir.path.join("extra_vars.json"),
+        dir.extra_vars(),
         Value::Object(job.params.clone()).to_string(),
     )?;
     fs::write(dir.path.join("ansible.cfg"), ANSIBLE_CFG)?;

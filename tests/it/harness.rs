@@ -395,6 +395,10 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.stop_tasks_on_shutdown.to_string(),
         ),
         ("DOWNLINK_STORE_PARAMS", s.store_params.to_string()),
+        (
+            "DOWNLINK_REMOVE_EXTRA_VARS_AT_END",
+            s.remove_extra_vars_at_end.to_string(),
+        ),
         ("DOWNLINK_DB_RETRY_SECS", s.db_retry_secs.to_string()),
         ("DOWNLINK_RECONCILE_SECS", s.reconcile_secs.to_string()),
         ("DOWNLINK_WORKERS", s.workers.to_string()),

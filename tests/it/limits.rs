@@ -3,6 +3,8 @@
 
 use serde_json::json;
 
+use crate::both_backends;
+
 use crate::harness::{run_body, task_dir, Backend, TestServer, HOSTS};
 
 fn failure(message: &str) -> String {
@@ -228,4 +230,34 @@ fn output_and_events_files_are_held_to_their_limits() {
     let v: serde_json::Value = serde_json::from_str(&marker.payload).unwrap();
     assert!(v["dropped"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(events.last().map(|e| e.kind.as_str()), Some("stats"));
+}
+
+both_backends!(extra_vars_leave_the_disk_when_the_task_ends);
+
+fn extra_vars_leave_the_disk_when_the_task_ends(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| {
+        s.remove_extra_vars_at_end = true;
+    });
+    // The assertion proves the playbook got the param (by its SHA-1, so that the playbook itself
+    // does not hold the secret); it prints no value.
+    let play = "- assert:\n    that: secret | hash('sha1') == 'f3bbbd66a63d4bf1747940578ec3d0103530e21d'\n    quiet: true\n";
+    let mut body = run_body("secret", &[HOSTS[0]], play);
+    body["params"] = json!("secret=hunter2");
+    let id = server.run(body);
+    assert_eq!(server.wait_end(id, 60).status, 4);
+    let run_dir = server.run_dir(id);
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir(&run_dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let bytes = std::fs::read(entry.path()).unwrap_or_default();
+        if bytes.windows(7).any(|w| w == b"hunter2") {
+            left.push(name.clone());
+        }
+        assert_ne!(name, "extra_vars.json");
+    }
+    assert!(left.is_empty(), "the secret is still in {left:?}");
+    assert!(
+        run_dir.join("end.json").exists(),
+        "the run directory is kept"
+    );
 }
