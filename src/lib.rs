@@ -25,6 +25,7 @@
 //! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
 //!   [`status`], [`time`].
 
+pub mod agents;
 pub mod ansible;
 pub mod api;
 pub mod auth;

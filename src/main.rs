@@ -33,6 +33,8 @@ enum Command {
     Settings,
     /// Read a bearer token on standard input and print its SHA-256 for `auth_token_hashes`.
     HashToken,
+    /// List the agents that serve the database: name, host, pid, version, budget, state.
+    Agents,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve => serve(settings, &log),
         Command::Migrate => server::migrate_only(&settings, &log),
+        Command::Agents => agents(&settings),
         Command::HashToken => Ok(()),
         Command::Settings => {
             let mut shown = settings.clone();
@@ -76,6 +79,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `downlink agents`: one line per agent, `lost` for one silent past its lease.
+fn agents(settings: &Settings) -> anyhow::Result<()> {
+    let target = db::Target::parse(&settings.effective_database_url())?;
+    let mut conn =
+        db::connect(&target).with_context(|| format!("connecting to {}", target.describe()))?;
+    let rows = downlink::agents::list(&mut conn).context("reading agents")?;
+    let heartbeat = std::time::Duration::from_secs(settings.heartbeat_secs.max(1));
+    println!(
+        "{:<24} {:<20} {:>8} {:<10} {:<20} {:>10} {:>9} STATE",
+        "NAME", "HOST", "PID", "VERSION", "STARTED (UTC)", "HEARTBEAT", "MAX_FORKS"
+    );
+    for row in &rows {
+        println!(
+            "{:<24} {:<20} {:>8} {:<10} {:<20} {:>9.1}s {:>9} {}",
+            row.name,
+            row.host,
+            row.pid,
+            row.version,
+            row.started_at.format("%Y-%m-%d %H:%M:%S"),
+            row.silent_ms as f64 / 1000.0,
+            row.max_forks,
+            downlink::agents::shown_state(row, heartbeat)
+        );
+    }
+    Ok(())
 }
 
 /// Completes at the first SIGTERM or SIGINT.

@@ -76,6 +76,7 @@ pub struct Prepared {
     pub settings: Arc<Settings>,
     pub pool: Pool,
     pub readers: Option<crate::readers::Readers>,
+    pub identity: crate::agents::Identity,
     pub run_root: PathBuf,
     pub recover: Recover,
     pub tracking: Tracking,
@@ -121,6 +122,9 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     };
     let applied = db::migrate(&mut conn)?;
     info!(log, "database ready"; "database" => target.describe(), "migrations_applied" => applied.len());
+    let identity =
+        crate::agents::Identity::of_this_process(&settings.agent_name, settings.max_forks);
+    crate::agents::register(&mut conn, &identity).context("recording this agent in agents")?;
     if !procs::become_subreaper() {
         warn!(
             log,
@@ -156,6 +160,7 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
         settings: Arc::new(settings),
         pool,
         readers,
+        identity,
         run_root,
         recover,
         tracking,
@@ -203,6 +208,7 @@ pub async fn run(
         settings,
         pool,
         readers,
+        identity,
         run_root,
         recover,
         tracking,
@@ -256,7 +262,7 @@ pub async fn run(
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let state = web::Data::new(AppState {
         settings: settings.clone(),
-        pool,
+        pool: pool.clone(),
         readers,
         persistence: persistence.clone(),
         supervisor: supervisor.clone(),
@@ -346,10 +352,21 @@ pub async fn run(
     let serving = actix_web::rt::spawn(server);
     crate::systemd::ready(&log, &format!("serving on {}", settings.bind));
     crate::systemd::watchdog(supervisor.clone(), log.clone());
+    let beating = heartbeats(&settings, pool.clone(), identity.clone(), log.clone());
     shutdown.await;
 
     info!(log, "shutting down"; "stop_tasks" => settings.stop_tasks_on_shutdown);
     crate::systemd::stopping(&log);
+    beating.abort();
+    let (draining_pool, me) = (pool.clone(), identity.clone());
+    let drained = tokio::task::spawn_blocking(move || {
+        let mut conn = draining_pool.get()?;
+        crate::agents::draining(&mut conn, &me)
+    })
+    .await;
+    if !matches!(drained, Ok(Ok(()))) {
+        warn!(log, "cannot mark this agent as draining in agents");
+    }
     let _ = closing_tx.send(true);
     let _ = supervisor
         .send(Close {
@@ -368,6 +385,38 @@ pub async fn run(
         _ => error!(log, "writes could not be flushed before exit; the next start recovers them from the run directories"),
     }
     Ok(())
+}
+
+/// Beats this agent's heart in `agents` every `heartbeat_secs`, on the database's clock.
+fn heartbeats(
+    settings: &Settings,
+    pool: Pool,
+    me: crate::agents::Identity,
+    log: Logger,
+) -> actix_web::rt::task::JoinHandle<()> {
+    let every = Duration::from_secs(settings.heartbeat_secs.max(1));
+    let me_name = me.name.clone();
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (pool, me) = (pool.clone(), me.clone());
+            let beat = tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                crate::agents::heartbeat(&mut conn, &me)
+            })
+            .await;
+            match beat {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    warn!(log, "this agent's row in agents was gone or written by another process under the same agent_name; written again (give each agent a name of its own)"; "agent" => &me_name)
+                }
+                Ok(Err(e)) => warn!(log, "heartbeat not recorded"; "error" => %e),
+                Err(e) => warn!(log, "heartbeat not recorded"; "error" => %e),
+            }
+        }
+    })
 }
 
 /// Logs every panic (a bug: an actor that panics is ended and its task recorded as interrupted)

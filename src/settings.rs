@@ -65,6 +65,8 @@ pub struct Settings {
     pub max_event_bytes: usize,
     pub client_timeout_secs: u64,
     pub store_params: bool,
+    /// How often the agent's row in `agents` gets a heartbeat; 3 missed ones and it shows as lost.
+    pub heartbeat_secs: u64,
     /// Delete the run directory's `extra_vars.json` (the params, often secrets) once the task has
     /// ended.
     pub remove_extra_vars_at_end: bool,

@@ -395,6 +395,7 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.stop_tasks_on_shutdown.to_string(),
         ),
         ("DOWNLINK_STORE_PARAMS", s.store_params.to_string()),
+        ("DOWNLINK_HEARTBEAT_SECS", s.heartbeat_secs.to_string()),
         (
             "DOWNLINK_REMOVE_EXTRA_VARS_AT_END",
             s.remove_extra_vars_at_end.to_string(),

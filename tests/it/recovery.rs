@@ -586,4 +586,76 @@ fn systemd_hears_ready_after_recovery_then_watchdog_pings_then_stopping() {
         "{heard:?}"
     );
     second.wait_exit(30);
+    let line = agents_listed(&settings)
+        .into_iter()
+        .find(|l| l.starts_with(&settings.agent_name))
+        .expect("the agent is listed");
+    assert!(
+        line.ends_with(" draining"),
+        "a graceful stop drains: {line}"
+    );
+}
+
+/// `downlink agents` against these settings' database: its lines after the header.
+fn agents_listed(settings: &downlink::settings::Settings) -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_downlink"))
+        .arg("agents")
+        .env_clear()
+        .envs(crate::harness::settings_env(settings))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.starts_with("NAME "),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().skip(1).map(str::to_owned).collect()
+}
+
+#[derive(diesel::QueryableByName)]
+struct Beat {
+    #[diesel(sql_type = diesel::sql_types::Timestamp)]
+    heartbeat_at: chrono::NaiveDateTime,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
+both_backends!(an_agent_is_a_row_with_a_heartbeat_and_shows_lost_once_killed);
+
+fn an_agent_is_a_row_with_a_heartbeat_and_shows_lost_once_killed(backend: crate::harness::Backend) {
+    use diesel::RunQueryDsl;
+    let (dir, _db, settings, view) = setup(backend, |s| s.heartbeat_secs = 1);
+    let mut server = BinServer::start(&settings, &dir.0);
+    let name = settings.agent_name.clone();
+    let beat = || {
+        let rows: Vec<Beat> = view.read(|c| {
+            Ok(diesel::sql_query(format!(
+                "SELECT heartbeat_at, pid FROM agents WHERE name = '{name}'"
+            ))
+            .load(c)?)
+        });
+        assert_eq!(rows.len(), 1, "one row for the agent");
+        (rows[0].heartbeat_at, rows[0].pid)
+    };
+    let (first, pid) = beat();
+    assert_eq!(pid, server.child.id() as i32);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (later, _) = beat();
+    assert!(later > first, "no heartbeat: {first} then {later}");
+    let line = agents_listed(&settings)
+        .into_iter()
+        .find(|l| l.starts_with(&name))
+        .expect("the agent is listed");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[2], pid.to_string(), "{line}");
+    assert_eq!(fields.last(), Some(&"active"), "{line}");
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(10);
+    std::thread::sleep(Duration::from_millis(3500));
+    let line = agents_listed(&settings)
+        .into_iter()
+        .find(|l| l.starts_with(&name))
+        .expect("the agent is still listed");
+    assert!(line.ends_with(" lost"), "{line}");
 }
