@@ -89,12 +89,12 @@ fn agents(settings: &Settings) -> anyhow::Result<()> {
     let rows = downlink::agents::list(&mut conn).context("reading agents")?;
     let heartbeat = std::time::Duration::from_secs(settings.heartbeat_secs.max(1));
     println!(
-        "{:<24} {:<20} {:>8} {:<10} {:<20} {:>10} {:>9} STATE",
-        "NAME", "HOST", "PID", "VERSION", "STARTED (UTC)", "HEARTBEAT", "MAX_FORKS"
+        "{:<24} {:<20} {:>8} {:<10} {:<20} {:>13} {:>9} STATE",
+        "NAME", "HOST", "PID", "VERSION", "STARTED (UTC)", "LAST_BEAT", "MAX_FORKS"
     );
     for row in &rows {
         println!(
-            "{:<24} {:<20} {:>8} {:<10} {:<20} {:>9.1}s {:>9} {}",
+            "{:<24} {:<20} {:>8} {:<10} {:<20} {:>9.1}s ago {:>9} {}",
             row.name,
             row.host,
             row.pid,
