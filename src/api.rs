@@ -289,8 +289,28 @@ where
     read_failed(log, result)
 }
 
+/// A read on the HTTP worker's own PostgreSQL connections when it has them (`readers`), else
+/// `on_pool` through the pool; a failure is logged and answered as [`read_store`] does.
+pub async fn read_either<T, R, Fut, P>(
+    state: &AppState,
+    log: &Logger,
+    on_reader: R,
+    on_pool: P,
+) -> Result<T, ApiError>
+where
+    R: FnOnce(std::rc::Rc<crate::readers::ReadConn>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+    P: FnOnce(&mut crate::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match &state.readers {
+        Some(readers) => read_failed(log, readers.read(on_reader).await),
+        None => read_store(state, log, on_pool).await,
+    }
+}
+
 /// A read's result, with a failure logged and turned into the API's error.
-pub fn read_failed<T>(log: &Logger, result: Result<T, StoreError>) -> Result<T, ApiError> {
+fn read_failed<T>(log: &Logger, result: Result<T, StoreError>) -> Result<T, ApiError> {
     result.map_err(|e| {
         warn!(log, "database read failed"; "error" => %e);
         ApiError::from(e)

@@ -375,14 +375,9 @@ pub fn mark_running(
             .map(|host| NewHost::of(&task, host, None, started_at, None))
             .collect();
         for rows in rows.chunks(HOST_ROWS_PER_STATEMENT) {
-            match conn {
-                DbConnection::Pg(c) => diesel::insert_into(task_hosts::table)
-                    .values(rows)
-                    .execute(c)?,
-                DbConnection::Sqlite(c) => diesel::insert_into(task_hosts::table)
-                    .values(rows)
-                    .execute(c)?,
-            };
+            crate::on_backend!(conn, |c| diesel::insert_into(task_hosts::table)
+                .values(rows)
+                .execute(c))?;
         }
         Ok(true)
     })

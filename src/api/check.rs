@@ -4,7 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::fields::id_and_name;
-use super::{read_failed, read_store, success, ApiError, ApiRequest, AppState};
+use super::{read_either, success, ApiError, ApiRequest, AppState};
 use crate::store::{self, HostRow, TaskSummary};
 use crate::supervisor::WhereInQueue;
 use crate::time;
@@ -81,15 +81,14 @@ pub async fn find(
     id: i64,
     name: String,
 ) -> Result<(TaskSummary, Vec<HostRow>), ApiError> {
-    let found = match &state.readers {
-        Some(readers) => read_failed(
-            log,
-            readers
-                .read(|c| async move { crate::readers::task_with_hosts(&c, id, &name).await })
-                .await,
-        )?,
-        None => read_store(state, log, move |c| store::task_with_hosts(c, id, &name)).await?,
-    };
+    let pooled = name.clone();
+    let found = read_either(
+        state,
+        log,
+        |c| async move { crate::readers::task_with_hosts(&c, id, &name).await },
+        move |c| store::task_with_hosts(c, id, &pooled),
+    )
+    .await?;
     found.ok_or(ApiError::NotFound)
 }
 

@@ -10,7 +10,7 @@ use slog::warn;
 use super::fields::RunRequest;
 use super::getlog::lines;
 use super::run::submit;
-use super::{read_failed, read_store, ApiError, ApiRequest, AppState};
+use super::{read_either, ApiError, ApiRequest, AppState};
 use crate::store;
 use crate::supervisor::{EndOutcome, EndReason, EndTask};
 
@@ -47,14 +47,12 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
             return Err(ApiError::DbUnavailable);
         }
     }
-    let rows = match &state.readers {
-        Some(readers) => read_failed(
-            &log,
-            readers
-                .read(|c| async move { crate::readers::task_hosts(&c, id).await })
-                .await,
-        )?,
-        None => read_store(&state, &log, move |c| store::task_hosts(c, id)).await?,
-    };
+    let rows = read_either(
+        &state,
+        &log,
+        |c| async move { crate::readers::task_hosts(&c, id).await },
+        move |c| store::task_hosts(c, id),
+    )
+    .await?;
     Ok(lines(&rows))
 }
