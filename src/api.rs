@@ -5,6 +5,7 @@
 pub mod check;
 pub mod fields;
 pub mod getlog;
+pub mod metrics;
 pub mod openapi;
 pub mod parallel_run;
 pub mod run;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub process_tracking: String,
     /// Places left in the pending queue.
     pub slots: Arc<crate::supervisor::QueueSlots>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The route table.
@@ -68,7 +71,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(endpoint(
             "/api/openapi.json",
             web::get().to(openapi::handle),
-        ));
+        ))
+        .service(endpoint("/metrics", web::get().to(metrics::handle)));
 }
 
 /// An answer of the API that is not a success: the contract's `{"code":-1,"message":…}`.

@@ -59,4 +59,6 @@ pub struct Exec {
     pub connections: Addr<Connections>,
     /// Where the agent's SSH control sockets live (`ANSIBLE_SSH_CONTROL_PATH_DIR`).
     pub control_dir: PathBuf,
+    /// Kills and run times are counted here.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }

@@ -21,7 +21,8 @@
 //!   masters (`exec/connections.rs`), the task's mark on its nodes and its cleanup there
 //!   (`exec/remote.rs`).
 //! - [`procs`]: `/proc` reads (start times, the environment marker) for adoption and the fallback.
-//! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`.
+//! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`;
+//!   [`metrics`]: what `/metrics` shows.
 //! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
 //!   [`status`], [`time`].
 
@@ -34,6 +35,7 @@ pub mod db;
 pub mod exec;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod persistence;
 pub mod procs;
 pub mod readers;

@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 
 use crate::clean::Clean;
 use crate::db::{DbConnection, Pool};
+use crate::metrics::Metrics;
 use crate::store::{self, Finish, HostState, NewEvent, NewTask, StoreError};
 
 /// First retry delay; doubled after each failure up to `MAX_BACKOFF`.
@@ -112,6 +113,7 @@ pub struct Persistence {
     pool: Pool,
     log: Logger,
     health: Arc<DbHealth>,
+    metrics: Arc<Metrics>,
     retry_for: Duration,
     queue: VecDeque<Queued>,
     busy: bool,
@@ -122,11 +124,18 @@ pub struct Persistence {
 
 impl Persistence {
     /// A writer over `pool`; a queued write is given up after `retry_for` of failures.
-    pub fn new(pool: Pool, log: Logger, health: Arc<DbHealth>, retry_for: Duration) -> Self {
+    pub fn new(
+        pool: Pool,
+        log: Logger,
+        health: Arc<DbHealth>,
+        metrics: Arc<Metrics>,
+        retry_for: Duration,
+    ) -> Self {
         Persistence {
             pool,
             log,
             health,
+            metrics,
             retry_for,
             queue: VecDeque::new(),
             busy: false,
@@ -147,11 +156,26 @@ impl Persistence {
             reply,
             since: Instant::now(),
         });
+        self.metrics.write_queue(self.queue.len());
         self.pump(ctx);
         Box::pin(async move {
             rx.await
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("the writer stopped".into())))
         })
+    }
+
+    /// Takes the head of the queue off, counts what it committed and answers its sender.
+    fn answer(&mut self, result: Result<bool, StoreError>) {
+        let Some(done) = self.queue.pop_front() else {
+            return;
+        };
+        self.metrics.write_queue(self.queue.len());
+        match (&done.write, &result) {
+            (Write::Progress(p), Ok(_)) => self.metrics.events(&p.events),
+            (Write::Finish(f), Ok(true)) => self.metrics.finished(f),
+            _ => {}
+        }
+        let _ = done.reply.send(result);
     }
 
     /// How many writes from the head of the queue go into the next transaction.
@@ -194,9 +218,7 @@ impl Persistence {
                         info!(act.log, "database reachable again, writes resumed"; "queued" => act.queue.len());
                     }
                     for result in results {
-                        if let Some(done) = act.queue.pop_front() {
-                            let _ = done.reply.send(Ok(result));
-                        }
+                        act.answer(Ok(result));
                     }
                 }
                 None => act.singles = n,
@@ -238,6 +260,7 @@ impl Persistence {
                     if act.health.set(false) {
                         warn!(act.log, "database write failed, holding writes and retrying"; "error" => %e, "queued" => act.queue.len());
                     }
+                    act.metrics.write_retry();
                     let delay = act.backoff;
                     act.backoff = (act.backoff * 2).min(MAX_BACKOFF);
                     ctx.run_later(delay, |act, ctx| act.pump(ctx));
@@ -249,9 +272,7 @@ impl Persistence {
                     } else if !act.health.set(true) {
                         info!(act.log, "database reachable again, writes resumed"; "queued" => act.queue.len());
                     }
-                    if let Some(done) = act.queue.pop_front() {
-                        let _ = done.reply.send(result);
-                    }
+                    act.answer(result);
                     act.singles = act.singles.saturating_sub(1);
                     act.pump(ctx);
                 }

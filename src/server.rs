@@ -216,12 +216,14 @@ pub async fn run(
     } = prepared;
     log_panics(&log);
     let db_health = DbHealth::new();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     // The writer on a thread of its own: its batching and replies never wait behind the task
     // actors (and use the second core).
     let writer = (
         pool.clone(),
         log.new(slog::o!("part" => "persistence")),
         db_health.clone(),
+        metrics.clone(),
         Duration::from_secs(settings.db_retry_secs),
     );
     // Its blocking jobs: a batch, and new tasks' inserts (as many at once as the pool has).
@@ -229,8 +231,8 @@ pub async fn run(
     let persistence = Persistence::start_in_arbiter(
         &Arbiter::with_tokio_rt(move || runtime("dl-writer", writer_threads)).handle(),
         move |_| {
-            let (pool, log, health, retry_for) = writer;
-            Persistence::new(pool, log, health, retry_for)
+            let (pool, log, health, metrics, retry_for) = writer;
+            Persistence::new(pool, log, health, metrics, retry_for)
         },
     );
     let slots = QueueSlots::new(settings.max_queued);
@@ -247,6 +249,7 @@ pub async fn run(
         tracking,
         connections,
         control_dir,
+        metrics: metrics.clone(),
     };
     let supervisor = TaskSupervisor::new(
         settings.clone(),
@@ -272,19 +275,24 @@ pub async fn run(
         db_health,
         process_tracking,
         slots,
+        metrics: metrics.clone(),
     });
     let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);
     let request_log = log.clone();
+    let metrics_open = settings.metrics_open;
     let tls = tls_config(&settings).map_err(std::io::Error::other)?;
     let mut server = HttpServer::new(move || {
         let log = request_log.clone();
         let auth_log = request_log.clone();
         let access = access.clone();
+        let metrics = metrics.clone();
         App::new()
             .app_data(state.clone())
             .wrap_fn(move |req, srv| {
                 // Inner: refuses callers that do not belong before any handler runs.
-                let refused = if OPEN_PATHS.contains(&req.path()) {
+                let open = OPEN_PATHS.contains(&req.path())
+                    || (metrics_open && req.path() == "/metrics");
+                let refused = if open {
                     None
                 } else {
                     let peer = req.peer_addr().map(|a| a.ip());
@@ -315,9 +323,16 @@ pub async fn run(
                 let source = header("X-RESOURCE");
                 let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 let log = log.clone();
+                let metrics = metrics.clone();
                 let fut = srv.call(req);
                 async move {
                     let res = fut.await?;
+                    let endpoint = res.request().match_pattern();
+                    metrics.request(
+                        endpoint.as_deref().unwrap_or("unmatched"),
+                        res.status().as_u16(),
+                        started.elapsed().as_secs_f64(),
+                    );
                     let error = res
                         .response()
                         .extensions()

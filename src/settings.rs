@@ -70,6 +70,8 @@ pub struct Settings {
     /// Delete the run directory's `extra_vars.json` (the params, often secrets) once the task has
     /// ended.
     pub remove_extra_vars_at_end: bool,
+    /// Serve `/metrics` without the API's token and allow-list.
+    pub metrics_open: bool,
     pub db_retry_secs: u64,
     pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,

@@ -300,6 +300,29 @@ pub fn tasks_with_status(
         .load(conn)?)
 }
 
+/// How many tasks the table holds in each status, and when the oldest pending one was created.
+pub struct TaskCounts {
+    /// `(status code, tasks)`, for the codes that have any.
+    pub by_status: Vec<(i32, i64)>,
+    pub oldest_pending: Option<NaiveDateTime>,
+}
+
+/// Counts the table's tasks by status (`/metrics`).
+pub fn task_counts(conn: &mut DbConnection) -> Result<TaskCounts, StoreError> {
+    let by_status = tasks::table
+        .group_by(tasks::status)
+        .select((tasks::status, diesel::dsl::count_star()))
+        .load(conn)?;
+    let oldest_pending = tasks::table
+        .filter(tasks::status.eq(Status::Pending.code()))
+        .select(diesel::dsl::min(tasks::created_at))
+        .first(conn)?;
+    Ok(TaskCounts {
+        by_status,
+        oldest_pending,
+    })
+}
+
 /// The host rows of a task in node order.
 pub fn task_hosts(conn: &mut DbConnection, task_id: i64) -> Result<Vec<HostRow>, StoreError> {
     Ok(task_hosts::table

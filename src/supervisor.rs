@@ -157,7 +157,10 @@ impl TaskSupervisor {
             }
             self.slots.give_back();
             let dir = RunDir::of(&self.run_root, spec.id);
-            self.start_task(spec, time::now(), Origin::Spawn, dir, None, ctx);
+            let now = time::now();
+            let waited = (now - spec.created_at).num_milliseconds() as f64 / 1000.0;
+            self.exec.metrics.waited(waited);
+            self.start_task(spec, now, Origin::Spawn, dir, None, ctx);
         }
     }
 
@@ -463,6 +466,29 @@ impl Handler<EndTask> for TaskSupervisor {
             let _ = rx.await;
             EndOutcome::Ended
         })
+    }
+}
+
+/// This agent's queue and forks, for `/metrics`.
+#[derive(Message)]
+#[rtype(result = "Load")]
+pub struct GetLoad;
+
+#[derive(Debug, Clone, Copy, MessageResponse)]
+pub struct Load {
+    pub queued: usize,
+    pub forks_in_use: u32,
+    pub forks_budget: u32,
+}
+
+impl Handler<GetLoad> for TaskSupervisor {
+    type Result = Load;
+    fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> Load {
+        Load {
+            queued: self.queue.len(),
+            forks_in_use: self.used_forks,
+            forks_budget: self.settings.max_forks,
+        }
     }
 }
 

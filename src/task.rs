@@ -60,6 +60,8 @@ pub struct TaskSpec {
     pub forks: u32,
     pub correlation_id: String,
     pub source: String,
+    /// When the task was stored (its queue wait starts here).
+    pub created_at: NaiveDateTime,
 }
 
 impl TaskSpec {
@@ -81,6 +83,7 @@ impl TaskSpec {
             forks: u32::try_from(task.forks).unwrap_or(1).max(1),
             correlation_id: task.correlation_id.clone(),
             source: task.source.clone(),
+            created_at: task.created_at,
         })
     }
 }
@@ -357,6 +360,11 @@ impl TaskActor {
             return;
         }
         info!(self.log, "ending task"; "reason" => %err);
+        match ending {
+            Ending::Stopped => self.exec.metrics.kill(crate::metrics::Kill::Stop),
+            Ending::Timeout => self.exec.metrics.kill(crate::metrics::Kill::TimeLimit),
+            _ => {}
+        }
         self.kill = Some((ending, err));
         self.terminate(ctx);
     }
@@ -740,12 +748,15 @@ impl TaskActor {
                 exit_code,
             ),
         };
+        let ended_at = time::now();
+        let ran = (ended_at - self.admitted_at).num_milliseconds() as f64 / 1000.0;
+        self.exec.metrics.ran(ran);
         let fin = Finish {
             id: self.spec.id,
             status: v.status,
             err: v.err,
             exit_code,
-            ended_at: time::now(),
+            ended_at,
             hosts: with_cleanup(self.hosts.finish(v.ending), &cleaned),
             usage,
         };

@@ -80,6 +80,7 @@ pub async fn submit(
         forks,
         correlation_id: caller.correlation_id.clone(),
         source: caller.source.clone(),
+        created_at: now,
     };
     let rx = state
         .supervisor

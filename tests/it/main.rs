@@ -10,6 +10,7 @@ mod fuzz;
 pub mod harness;
 mod hostile;
 mod limits;
+mod operate;
 pub mod procwatch;
 mod recovery;
 mod writer;
