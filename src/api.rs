@@ -3,6 +3,7 @@
 //! required headers and the body, which is read as JSON whatever its `Content-Type`.
 
 pub mod check;
+pub mod events;
 pub mod fields;
 pub mod getlog;
 pub mod metrics;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub slots: Arc<crate::supervisor::QueueSlots>,
     /// What `/metrics` shows.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Changes after each commit of events or a task's end (event streams wait on it).
+    pub committed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The route table.
@@ -71,6 +74,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(endpoint(
             "/api/openapi.json",
             web::get().to(openapi::handle),
+        ))
+        .service(endpoint(
+            "/api/tasks/{id}/events",
+            web::get().to(events::handle),
         ))
         .service(endpoint("/metrics", web::get().to(metrics::handle)));
 }

@@ -114,6 +114,8 @@ pub struct Persistence {
     log: Logger,
     health: Arc<DbHealth>,
     metrics: Arc<Metrics>,
+    /// Bumped after each commit of events or an end: event streams read again.
+    committed: tokio::sync::watch::Sender<u64>,
     retry_for: Duration,
     queue: VecDeque<Queued>,
     busy: bool,
@@ -129,6 +131,7 @@ impl Persistence {
         log: Logger,
         health: Arc<DbHealth>,
         metrics: Arc<Metrics>,
+        committed: tokio::sync::watch::Sender<u64>,
         retry_for: Duration,
     ) -> Self {
         Persistence {
@@ -136,6 +139,7 @@ impl Persistence {
             log,
             health,
             metrics,
+            committed,
             retry_for,
             queue: VecDeque::new(),
             busy: false,
@@ -174,6 +178,9 @@ impl Persistence {
             (Write::Progress(p), Ok(_)) => self.metrics.events(&p.events),
             (Write::Finish(f), Ok(true)) => self.metrics.finished(f),
             _ => {}
+        }
+        if matches!(done.write, Write::Progress(_) | Write::Finish(_)) {
+            self.committed.send_modify(|n| *n = n.wrapping_add(1));
         }
         let _ = done.reply.send(result);
     }

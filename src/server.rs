@@ -217,6 +217,7 @@ pub async fn run(
     log_panics(&log);
     let db_health = DbHealth::new();
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (committed_tx, committed) = tokio::sync::watch::channel(0u64);
     // The writer on a thread of its own: its batching and replies never wait behind the task
     // actors (and use the second core).
     let writer = (
@@ -224,6 +225,7 @@ pub async fn run(
         log.new(slog::o!("part" => "persistence")),
         db_health.clone(),
         metrics.clone(),
+        committed_tx,
         Duration::from_secs(settings.db_retry_secs),
     );
     // Its blocking jobs: a batch, and new tasks' inserts (as many at once as the pool has).
@@ -231,8 +233,8 @@ pub async fn run(
     let persistence = Persistence::start_in_arbiter(
         &Arbiter::with_tokio_rt(move || runtime("dl-writer", writer_threads)).handle(),
         move |_| {
-            let (pool, log, health, metrics, retry_for) = writer;
-            Persistence::new(pool, log, health, metrics, retry_for)
+            let (pool, log, health, metrics, committed, retry_for) = writer;
+            Persistence::new(pool, log, health, metrics, committed, retry_for)
         },
     );
     let slots = QueueSlots::new(settings.max_queued);
@@ -276,6 +278,7 @@ pub async fn run(
         process_tracking,
         slots,
         metrics: metrics.clone(),
+        committed,
     });
     let access = Arc::new(Access::from_settings(&settings).map_err(std::io::Error::other)?);
     let request_log = log.clone();

@@ -72,6 +72,8 @@ pub struct Settings {
     pub remove_extra_vars_at_end: bool,
     /// Serve `/metrics` without the API's token and allow-list.
     pub metrics_open: bool,
+    /// A keep-alive line on an event stream after this long without one.
+    pub event_stream_keepalive_secs: u64,
     pub db_retry_secs: u64,
     pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,

@@ -341,6 +341,47 @@ pub fn task_events(conn: &mut DbConnection, task_id: i64) -> Result<Vec<NewEvent
         .load(conn)?)
 }
 
+/// A page of a task's event stream, and the task's status read before it.
+pub struct EventPage {
+    /// `(status, err, ended_at)` of the task; `None`: no such task.
+    pub task: Option<(i32, Option<String>, Option<NaiveDateTime>)>,
+    /// Events with `seq > after` (of `host` alone, if given), in order, at most `limit`.
+    pub events: Vec<NewEvent>,
+}
+
+/// The task's status, then its events after `after`. Read in this order, a terminal status means
+/// the page holds every event that is left: a task's events are committed before its end.
+pub fn events_after(
+    conn: &mut DbConnection,
+    task_id: i64,
+    after: i32,
+    host: Option<&str>,
+    limit: i64,
+) -> Result<EventPage, StoreError> {
+    let task = tasks::table
+        .find(task_id)
+        .select((tasks::status, tasks::err, tasks::ended_at))
+        .first(conn)
+        .optional()?;
+    if task.is_none() {
+        return Ok(EventPage {
+            task,
+            events: Vec::new(),
+        });
+    }
+    let page = task_events::table
+        .filter(task_events::task_id.eq(task_id))
+        .filter(task_events::seq.gt(after))
+        .order(task_events::seq.asc())
+        .limit(limit)
+        .select(NewEvent::as_select());
+    let events = match host {
+        Some(host) => page.filter(task_events::host.eq(host)).load(conn)?,
+        None => page.load(conn)?,
+    };
+    Ok(EventPage { task, events })
+}
+
 /// The newest `limit` records of `host` for tasks from `source`, oldest first.
 pub fn host_log(
     conn: &mut DbConnection,

@@ -401,6 +401,10 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.remove_extra_vars_at_end.to_string(),
         ),
         ("DOWNLINK_DB_RETRY_SECS", s.db_retry_secs.to_string()),
+        (
+            "DOWNLINK_EVENT_STREAM_KEEPALIVE_SECS",
+            s.event_stream_keepalive_secs.to_string(),
+        ),
         ("DOWNLINK_RECONCILE_SECS", s.reconcile_secs.to_string()),
         ("DOWNLINK_WORKERS", s.workers.to_string()),
         ("DOWNLINK_LOG_FORMAT", "json".to_owned()),

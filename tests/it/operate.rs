@@ -5,12 +5,15 @@ use std::process::{Command, Stdio};
 
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::both_backends;
-use crate::harness::{request, run_body, Backend, TestServer, DEAD, HOSTS};
+use crate::harness::{request, run_body, Backend, BinServer, TestServer, DEAD, HOSTS};
 
-both_backends!(metrics_after_a_mixed_run_match_the_tables);
+both_backends!(
+    metrics_after_a_mixed_run_match_the_tables,
+    a_stream_from_zero_and_resumed_mid_way_holds_each_stored_event_once,
+);
 
 #[derive(QueryableByName)]
 struct Count {
@@ -190,4 +193,241 @@ fn metrics_are_behind_the_token_unless_open() {
     // Only /metrics is opened.
     let check = json!({"id": 1, "name": "x"}).to_string();
     assert_eq!(open.post("/api/check", &check).0, 401);
+}
+
+#[derive(QueryableByName, Debug, Clone, PartialEq)]
+struct StoredEvent {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    seq: i32,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    host: Option<String>,
+    #[diesel(sql_type = Text)]
+    kind: String,
+}
+
+/// A task's events as plain SQL reads them.
+fn stored_events(server: &TestServer, id: i64) -> Vec<StoredEvent> {
+    let sql = format!("SELECT seq, host, kind FROM task_events WHERE task_id = {id} ORDER BY seq");
+    server
+        .view
+        .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?))
+}
+
+/// The lines of a stream, read to its end (NDJSON), or to the end of the answer (SSE).
+fn stream(base: &str, path_and_query: &str, headers: &[(&str, &str)]) -> (String, Vec<String>) {
+    use std::io::BufRead;
+    let mut req = ureq::get(&format!("{base}{path_and_query}"));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = req.call().expect("the stream answers");
+    let content_type = res.header("Content-Type").unwrap_or_default().to_owned();
+    let lines = std::io::BufReader::new(res.into_reader())
+        .lines()
+        .map(|l| l.expect("a line"))
+        .collect();
+    (content_type, lines)
+}
+
+/// `(seq, host, kind)` of the event lines of an NDJSON stream, and its closing line.
+fn ndjson_events(lines: &[String]) -> (Vec<StoredEvent>, Value) {
+    let mut events = Vec::new();
+    let mut end = Value::Null;
+    for (i, line) in lines.iter().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        match v["type"].as_str() {
+            Some("event") => events.push(StoredEvent {
+                seq: v["seq"].as_i64().unwrap() as i32,
+                host: v["host"].as_str().map(str::to_owned),
+                kind: v["kind"].as_str().unwrap().to_owned(),
+            }),
+            Some("end") => {
+                assert_eq!(i, lines.len() - 1, "the end line is the last");
+                end = v;
+            }
+            Some("keepalive") => {}
+            other => panic!("unexpected line type {other:?}: {line}"),
+        }
+    }
+    (events, end)
+}
+
+/// Read live from 0 while a real ansible-playbook runs, then again from the middle (NDJSON, and
+/// SSE resumed by `Last-Event-ID`), and with a host filter: each is exactly the stored events
+/// after the cursor, once each, in order, closed by the row's final status.
+fn a_stream_from_zero_and_resumed_mid_way_holds_each_stored_event_once(backend: Backend) {
+    let server = TestServer::start(backend);
+    let play = "- ping:\n- command: sleep 2\n- command: \"true\"\n- debug:\n    msg: hello\n";
+    let id = server.run(run_body("stream", &[HOSTS[0], HOSTS[1]], play));
+    let (content_type, lines) = stream(
+        &server.base,
+        &format!("/api/tasks/{id}/events?after=0"),
+        &[],
+    );
+    // Read the row right after the end line arrived: its status is already committed.
+    let row = server.view.task(id);
+    assert_eq!(content_type, "application/x-ndjson");
+    let (live, end) = ndjson_events(&lines);
+    assert_eq!(row.status, 4, "{:?}", row.err);
+    assert_eq!(end["status"], json!(4), "{end}");
+    assert_eq!(end["status_name"], json!("success"));
+    assert_eq!(end["task_id"], json!(id));
+    let stored = stored_events(&server, id);
+    assert!(stored.len() > 10, "{stored:?}");
+    assert_eq!(
+        live, stored,
+        "the live stream is the stored events, once each"
+    );
+    assert_eq!(stored.last().unwrap().kind, "stats");
+
+    let mid = stored[stored.len() / 2].seq;
+    let rest: Vec<StoredEvent> = stored.iter().filter(|e| e.seq > mid).cloned().collect();
+    let (_, lines) = stream(
+        &server.base,
+        &format!("/api/tasks/{id}/events?after={mid}"),
+        &[],
+    );
+    let (resumed, end) = ndjson_events(&lines);
+    assert_eq!(resumed, rest);
+    assert_eq!(end["status"], json!(4));
+
+    // SSE: `Last-Event-ID` wins over `after`; `id:` is each event's seq.
+    let last = mid.to_string();
+    let (content_type, lines) = stream(
+        &server.base,
+        &format!("/api/tasks/{id}/events?after=0"),
+        &[("Accept", "text/event-stream"), ("Last-Event-ID", &last)],
+    );
+    assert_eq!(content_type, "text/event-stream");
+    let ids: Vec<i32> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(ids, rest.iter().map(|e| e.seq).collect::<Vec<_>>());
+    let tail = &lines[lines.len() - 3..];
+    assert_eq!(tail[0], "event: end");
+    let end: Value = serde_json::from_str(tail[1].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(end["status"], json!(4));
+    assert_eq!(tail[2], "");
+
+    let (_, lines) = stream(
+        &server.base,
+        &format!("/api/tasks/{id}/events?after=0&host={}", HOSTS[1]),
+        &[],
+    );
+    let (filtered, _) = ndjson_events(&lines);
+    let of_host: Vec<StoredEvent> = stored
+        .iter()
+        .filter(|e| e.host.as_deref() == Some(HOSTS[1]))
+        .cloned()
+        .collect();
+    assert!(of_host.len() >= 4, "{of_host:?}");
+    assert_eq!(filtered, of_host);
+
+    // Errors before the stream: the API's envelope.
+    let missing = request(
+        "GET",
+        &format!("{}/api/tasks/999999/events", server.base),
+        &[],
+        "",
+    );
+    assert_eq!(
+        missing,
+        (
+            200,
+            "{\"code\":-1,\"message\":\"task not found...\"}".into()
+        )
+    );
+    let bad = request(
+        "GET",
+        &format!("{}/api/tasks/{id}/events?after=-1", server.base),
+        &[],
+        "",
+    );
+    assert_eq!(
+        bad,
+        (200, "{\"code\":-1,\"message\":\"param error, error: after: must be a non-negative integer\"}".into())
+    );
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A task stores 50,000 events while its client reads slowly: the client gets every one of them
+/// once, a keep-alive while the task is quiet, and the end; the server's RSS (read from /proc)
+/// grows by less than 20 MB, because the database is the buffer.
+#[test]
+fn a_slow_client_of_50000_events_loses_none_and_costs_the_server_no_memory() {
+    use std::io::BufRead;
+    let dir = crate::harness::TempDir::new();
+    let db = crate::harness::TestDb::new(Backend::Postgres, &dir.0);
+    let mut settings = crate::harness::test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    settings.ansible_playbook = crate::hostile::standin(&dir.0);
+    settings.event_stream_keepalive_secs = 2;
+    let server = BinServer::start(&settings, &dir.0);
+    let pid = server.child.id();
+    let before = rss_kb(pid);
+    let body = json!({
+        "nodes": ["h1.example"], "user": "root", "name": "many", "tasks": "- ping:\n", "fork_num": 1,
+        // Quiet for longer than the reading takes plus a keep-alive, after its events.
+        "params": {"standin_generate": {"count": 50000, "host": "h1.example"}, "standin_sleep": 15},
+    });
+    let (_, answer) = server.post("/api/run", &body.to_string());
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let id = answer["content"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{answer}"));
+    let res = ureq::get(&format!("{}/api/tasks/{id}/events?after=0", server.base))
+        .call()
+        .unwrap();
+    let mut reader = std::io::BufReader::with_capacity(4096, res.into_reader());
+    let (mut seqs, mut keepalives, mut end, mut peak) = (Vec::new(), 0, Value::Null, before);
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        match v["type"].as_str() {
+            Some("event") => {
+                seqs.push(v["seq"].as_i64().unwrap());
+                // About 5,000 events a second: slower than they are stored.
+                if seqs.len() % 500 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    peak = peak.max(rss_kb(pid));
+                }
+            }
+            Some("keepalive") => keepalives += 1,
+            Some("end") => end = v,
+            other => panic!("unexpected {other:?}"),
+        }
+        line.clear();
+    }
+    peak = peak.max(rss_kb(pid));
+    assert_eq!(seqs.len(), 50000, "every event once");
+    assert!(
+        seqs.windows(2).all(|w| w[0] + 1 == w[1]),
+        "in order, no gap"
+    );
+    assert!(keepalives >= 1, "a keep-alive while the task was quiet");
+    crate::harness::figure(
+        "event stream: server RSS at start / peak while a slow client read 50,000 events",
+        format!(
+            "{:.1} / {:.1} MB",
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0
+        ),
+    );
+    assert!(end["status"].as_i64().is_some_and(|s| s >= 3), "{end}");
+    let grew_mb = (peak.saturating_sub(before)) as f64 / 1024.0;
+    crate::harness::figure(
+        "event stream RSS growth (50,000 events, slow client)",
+        format!("{grew_mb:.1} MB"),
+    );
+    assert!(grew_mb < 20.0, "the server's RSS grew {grew_mb:.1} MB");
 }
