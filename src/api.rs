@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod parallel_run;
 pub mod run;
 pub mod stop;
+pub mod tasks;
 
 use std::sync::Arc;
 
@@ -75,6 +76,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/openapi.json",
             web::get().to(openapi::handle),
         ))
+        .service(endpoint("/api/tasks", web::get().to(tasks::list)))
+        .service(endpoint("/api/tasks/{id}", web::get().to(tasks::show)))
         .service(endpoint(
             "/api/tasks/{id}/events",
             web::get().to(events::handle),
@@ -164,6 +167,15 @@ impl From<StoreError> for ApiError {
 struct Success<T: Serialize> {
     code: i32,
     content: T,
+}
+
+/// The `{id}` of a path such as `/api/tasks/{id}`.
+pub fn path_id(req: &actix_web::HttpRequest) -> Result<i64, ApiError> {
+    req.match_info()
+        .get("id")
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::param("id", "must be a positive integer"))
 }
 
 /// `{"code":0,"content":…}`.

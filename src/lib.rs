@@ -23,6 +23,7 @@
 //! - [`procs`]: `/proc` reads (start times, the environment marker) for adoption and the fallback.
 //! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`;
 //!   [`metrics`]: what `/metrics` shows.
+//! - [`cli`]: `downlink tasks …`, a client of the HTTP API.
 //! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
 //!   [`status`], [`time`].
 
@@ -31,6 +32,7 @@ pub mod ansible;
 pub mod api;
 pub mod auth;
 pub mod clean;
+pub mod cli;
 pub mod db;
 pub mod exec;
 pub mod health;

@@ -35,6 +35,43 @@ enum Command {
     HashToken,
     /// List the agents that serve the database: name, host, pid, version, budget, state.
     Agents,
+    /// List, show, watch and stop tasks through the HTTP API of a running agent.
+    Tasks {
+        /// The agent's URL (default: DOWNLINK_SERVER, else the settings' bind on loopback).
+        #[arg(long, global = true, value_name = "URL")]
+        server: Option<String>,
+        /// A file whose first line is the bearer token (default: DOWNLINK_TOKEN).
+        #[arg(long, global = true, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// PEM certificates to trust for an https:// server (default: the public web roots).
+        #[arg(long, global = true, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// The newest tasks, newest first.
+    List {
+        /// Only this status (a code 1-7 or its name: pending, running, failed, success, ...).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only tasks from this source (X-RESOURCE of the run).
+        #[arg(long)]
+        source: Option<String>,
+        /// How many (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// A task and its per-host table: result, counters, message.
+    Show { id: i64 },
+    /// Follow a task's events to its end, a line per host; exits 0 if it succeeded, 3 if it ended
+    /// otherwise.
+    Watch { id: i64 },
+    /// Stop a task; answers once it is recorded as stopped.
+    Stop { id: i64 },
 }
 
 fn main() -> ExitCode {
@@ -55,12 +92,32 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Tasks {
+        server,
+        token_file,
+        ca_file,
+        command,
+    } = cli.command
+    {
+        let target = downlink::cli::Target {
+            server,
+            token_file,
+            ca_file,
+        };
+        return match tasks(&settings, &target, command) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("downlink: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let log = logging::root(&settings);
     let result = match cli.command {
         Command::Serve => serve(settings, &log),
         Command::Migrate => server::migrate_only(&settings, &log),
         Command::Agents => agents(&settings),
-        Command::HashToken => Ok(()),
+        Command::HashToken | Command::Tasks { .. } => Ok(()),
         Command::Settings => {
             let mut shown = settings.clone();
             shown.database_url = db::redact(&shown.database_url);
@@ -106,6 +163,40 @@ fn agents(settings: &Settings) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `downlink tasks …`.
+fn tasks(
+    settings: &Settings,
+    target: &downlink::cli::Target,
+    command: TasksCommand,
+) -> anyhow::Result<ExitCode> {
+    use downlink::cli;
+    let client = cli::Client::new(settings, target)?;
+    // Not locked for the whole command: `watch`'s display draws from a thread of its own.
+    let mut out = std::io::stdout();
+    match command {
+        TasksCommand::List {
+            status,
+            source,
+            limit,
+        } => cli::list(
+            &client,
+            status.as_deref(),
+            source.as_deref(),
+            limit,
+            &mut out,
+        )?,
+        TasksCommand::Show { id } => cli::show(&client, id, &mut out)?,
+        TasksCommand::Stop { id } => cli::stop(&client, id, &mut out)?,
+        TasksCommand::Watch { id } => {
+            let status = cli::watch(&client, id, &mut out)?;
+            if status != downlink::status::Status::Success.code() {
+                return Ok(ExitCode::from(3));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes at the first SIGTERM or SIGINT.

@@ -132,6 +132,10 @@ impl Settings {
             let Some(key) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            // The `downlink tasks` client's own variables, not settings.
+            if name == crate::cli::SERVER_VAR || name == crate::cli::TOKEN_VAR {
+                continue;
+            }
             let key = key.to_ascii_lowercase();
             let Some(current) = table.get(&key) else {
                 return Err(SettingsError::Invalid(format!(

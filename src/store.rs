@@ -57,6 +57,22 @@ pub struct TaskSummary {
     pub ended_at: Option<NaiveDateTime>,
 }
 
+/// What `GET /api/tasks` lists of a task.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = tasks)]
+pub struct TaskListing {
+    pub id: i64,
+    pub name: String,
+    pub nodes: String,
+    pub status: i32,
+    pub err: Option<String>,
+    pub source: String,
+    pub agent: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub started_at: Option<NaiveDateTime>,
+    pub ended_at: Option<NaiveDateTime>,
+}
+
 /// A new task, as validated from a request.
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = tasks)]
@@ -298,6 +314,44 @@ pub fn tasks_with_status(
         .order(tasks::id.asc())
         .select(Task::as_select())
         .load(conn)?)
+}
+
+/// The newest `limit` tasks, of this status and source if given, newest first.
+pub fn list_tasks(
+    conn: &mut DbConnection,
+    status: Option<i32>,
+    source: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TaskListing>, StoreError> {
+    let newest = tasks::table
+        .order(tasks::id.desc())
+        .limit(limit)
+        .select(TaskListing::as_select());
+    Ok(match (status, source) {
+        (Some(st), Some(so)) => newest
+            .filter(tasks::status.eq(st))
+            .filter(tasks::source.eq(so))
+            .load(conn)?,
+        (Some(st), None) => newest.filter(tasks::status.eq(st)).load(conn)?,
+        (None, Some(so)) => newest.filter(tasks::source.eq(so)).load(conn)?,
+        (None, None) => newest.load(conn)?,
+    })
+}
+
+/// One task as listed, and its host rows in node order.
+pub fn task_detail(
+    conn: &mut DbConnection,
+    id: i64,
+) -> Result<Option<(TaskListing, Vec<HostRow>)>, StoreError> {
+    let task = tasks::table
+        .find(id)
+        .select(TaskListing::as_select())
+        .first(conn)
+        .optional()?;
+    match task {
+        Some(task) => Ok(Some((task, task_hosts(conn, id)?))),
+        None => Ok(None),
+    }
 }
 
 /// How many tasks the table holds in each status, and when the oldest pending one was created.

@@ -51,12 +51,7 @@ struct Want {
 }
 
 fn want(req: &HttpRequest) -> Result<Want, ApiError> {
-    let id = req
-        .match_info()
-        .get("id")
-        .and_then(|s| s.parse::<i64>().ok())
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::param("id", "must be a positive integer"))?;
+    let id = super::path_id(req)?;
     let format = match req.headers().get(ACCEPT).map(|v| v.as_bytes()) {
         Some(accept) if contains(accept, b"text/event-stream") => Format::Sse,
         _ => Format::Ndjson,

@@ -431,3 +431,161 @@ fn a_slow_client_of_50000_events_loses_none_and_costs_the_server_no_memory() {
     );
     assert!(grew_mb < 20.0, "the server's RSS grew {grew_mb:.1} MB");
 }
+
+/// `downlink tasks …` run as a separate process against a live server with a token.
+fn tasks_cli(server: &TestServer, token_file: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_downlink"))
+        .arg("tasks")
+        .args(["--server", &server.base, "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .env_remove("DOWNLINK_DATABASE_URL")
+        .env_remove("DOWNLINK_TOKEN")
+        .output()
+        .expect("downlink runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.is_empty() || out.status.code() != Some(0),
+        "{stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &stderr,
+    )
+}
+
+/// list, show, watch to the end and stop, through the API with its token: what they print is
+/// what the rows hold (plain SQL), and a stop leaves no process of the task.
+#[test]
+fn the_tasks_cli_lists_shows_watches_and_stops_through_the_api() {
+    let server = TestServer::start_with(Backend::Postgres, |s| {
+        s.auth_token_hashes = vec![downlink::auth::hash_token("cli-s3cret")];
+    });
+    let token = server.dir.0.join("token");
+    std::fs::write(&token, "cli-s3cret\n").unwrap();
+    let wrong = server.dir.0.join("wrong");
+    std::fs::write(&wrong, "nope\n").unwrap();
+    let auth = [
+        ("X-CORRELATION-ID", "1-1"),
+        ("X-RESOURCE", "cli-src"),
+        ("Authorization", "Bearer cli-s3cret"),
+    ];
+    let run = |body: Value| -> i64 {
+        let (status, text) = server.post_with("/api/run", &auth, &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        v["content"]["id"].as_i64().unwrap_or_else(|| panic!("{v}"))
+    };
+    let play = "- ping:\n- command: sleep 2\n- command: \"false\"\n  when: inventory_hostname == '127.0.0.3'\n";
+    let mixed = run(run_body("cli-mixed", &[HOSTS[0], HOSTS[1], DEAD], play));
+
+    // watch, started while the task runs, follows it to its end.
+    let (code, watched) = tasks_cli(&server, &token, &["watch", &mixed.to_string()]);
+    let row = server.view.task(mixed);
+    assert_eq!(row.status, 3);
+    assert_eq!(code, 3, "3: the task did not succeed\n{watched}");
+    let stored = stored_events(&server, mixed);
+    let logged: Vec<i32> = watched
+        .lines()
+        .map_while(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(logged, stored.iter().map(|e| e.seq).collect::<Vec<_>>());
+    assert!(
+        watched.contains(&format!("task {mixed} \"cli-mixed\": failed (3)")),
+        "{watched}"
+    );
+    // The per-host table (watch ends with it, show prints it) is the rows.
+    let (code, shown) = tasks_cli(&server, &token, &["show", &mixed.to_string()]);
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        watched.ends_with(&shown),
+        "watch ends with show's table:\n{watched}\n{shown}"
+    );
+    #[derive(QueryableByName)]
+    struct HostLine {
+        #[diesel(sql_type = Text)]
+        host: String,
+        #[diesel(sql_type = Text)]
+        result: String,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        ok: i32,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        failed: i32,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        unreachable: i32,
+    }
+    let sql = format!(
+        "SELECT host, result, ok, failed, unreachable FROM task_hosts WHERE task_id = {mixed} ORDER BY id"
+    );
+    let rows: Vec<HostLine> = server
+        .view
+        .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?));
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with(&format!("{} ", r.host)))
+            .unwrap_or_else(|| panic!("no line for {} in\n{shown}", r.host));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], r.result, "{line}");
+        assert_eq!(cols[2], r.ok.to_string(), "{line}");
+        assert_eq!(cols[4], r.failed.to_string(), "{line}");
+        assert_eq!(cols[5], r.unreachable.to_string(), "{line}");
+    }
+
+    // stop: answered once recorded; nothing of the task is left on this machine.
+    let sleeper = run(run_body("cli-sleep", &[HOSTS[2]], "- command: sleep 600\n"));
+    server.wait_status(sleeper, &[2], 30);
+    let run_dir = server.run_dir(sleeper);
+    assert!(!crate::harness::task_processes(&run_dir).is_empty());
+    let (code, stopped) = tasks_cli(&server, &token, &["stop", &sleeper.to_string()]);
+    assert_eq!(code, 0, "{stopped}");
+    assert_eq!(
+        stopped,
+        format!("task {sleeper} \"cli-sleep\": stopped (5)\n")
+    );
+    assert_eq!(server.view.task(sleeper).status, 5);
+    assert_eq!(crate::harness::task_processes(&run_dir), Vec::<i32>::new());
+
+    // list: newest first, filtered by status and source, the rows' values.
+    let (code, listed) = tasks_cli(&server, &token, &["list"]);
+    assert_eq!(code, 0, "{listed}");
+    let ids: Vec<i64> = listed
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids, [sleeper, mixed]);
+    assert!(
+        listed.lines().nth(1).unwrap().contains(" stopped "),
+        "{listed}"
+    );
+    let (_, failed) = tasks_cli(
+        &server,
+        &token,
+        &["list", "--status", "failed", "--source", "cli-src"],
+    );
+    assert_eq!(failed.lines().count(), 2, "{failed}");
+    assert!(
+        failed.lines().nth(1).unwrap().ends_with(" cli-mixed"),
+        "{failed}"
+    );
+    let (_, none) = tasks_cli(&server, &token, &["list", "--source", "elsewhere"]);
+    assert_eq!(none.lines().count(), 1, "{none}");
+
+    // Without the right token: refused, saying so.
+    let (code, refused) = tasks_cli(&server, &wrong, &["list"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        refused,
+        format!(
+            "downlink: {} answered HTTP 401: unauthorized\n",
+            server.base
+        )
+    );
+    let (code, missing) = tasks_cli(&server, &token, &["show", "999999"]);
+    assert_eq!(
+        (code, missing.as_str()),
+        (1, "downlink: task not found...\n")
+    );
+}

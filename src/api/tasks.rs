@@ -1,0 +1,113 @@
+//! `GET /api/tasks` and `GET /api/tasks/{id}`: tasks as operators look at them (what
+//! `downlink tasks list` and `show` print). Times are RFC 3339 UTC; the contract's five endpoints
+//! are untouched.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Serialize;
+
+use super::check::HostRecord;
+use super::{path_id, read_store, success, ApiError, AppState};
+use crate::status::Status;
+use crate::store::{self, TaskListing};
+use crate::time;
+
+/// Most tasks one list answers.
+pub const MAX_LIMIT: i64 = 1000;
+const DEFAULT_LIMIT: i64 = 50;
+
+#[derive(Serialize)]
+pub struct TaskItem {
+    pub id: i64,
+    pub name: String,
+    pub status: i32,
+    pub status_name: &'static str,
+    pub source: String,
+    pub agent: Option<String>,
+    /// How many nodes the task has.
+    pub nodes: usize,
+    pub err: Option<String>,
+    pub created_time: String,
+    pub started_time: Option<String>,
+    pub end_time: Option<String>,
+}
+
+impl TaskItem {
+    fn of(t: TaskListing) -> TaskItem {
+        let nodes = serde_json::from_str::<Vec<serde_json::Value>>(&t.nodes).map_or(0, |n| n.len());
+        TaskItem {
+            id: t.id,
+            name: t.name,
+            status: t.status,
+            status_name: Status::from_code(t.status).map_or("unknown", Status::name),
+            source: t.source,
+            agent: t.agent,
+            nodes,
+            err: t.err,
+            created_time: time::rfc3339(t.created_at),
+            started_time: t.started_at.map(time::rfc3339),
+            end_time: t.ended_at.map(time::rfc3339),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    #[serde(flatten)]
+    task: TaskItem,
+    /// The same records as `/api/check`'s `log`.
+    hosts: Vec<HostRecord<'a>>,
+}
+
+/// A status given as its code (`4`) or its name (`success`).
+fn status(value: &str) -> Result<i32, ApiError> {
+    let by_code = value.parse::<i32>().ok().and_then(Status::from_code);
+    let by_name = (1..=7)
+        .filter_map(Status::from_code)
+        .find(|s| s.name() == value);
+    by_code
+        .or(by_name)
+        .map(Status::code)
+        .ok_or_else(|| ApiError::param("status", "must be a status code 1-7 or its name"))
+}
+
+/// GET /api/tasks?status=S&source=S&limit=N
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (mut by_status, mut source, mut limit) = (None, None, DEFAULT_LIMIT);
+    for (key, value) in url::form_urlencoded::parse(req.query_string().as_bytes()) {
+        match key.as_ref() {
+            "status" if !value.is_empty() => by_status = Some(status(&value)?),
+            "source" if !value.is_empty() => source = Some(value.into_owned()),
+            "limit" => {
+                limit = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::param(
+                            "limit",
+                            format!("must be an integer from 1 to {MAX_LIMIT}"),
+                        )
+                    })?;
+            }
+            _ => {}
+        }
+    }
+    let rows = read_store(&state, &state.log, move |c| {
+        store::list_tasks(c, by_status, source.as_deref(), limit)
+    })
+    .await?;
+    Ok(success(
+        rows.into_iter().map(TaskItem::of).collect::<Vec<_>>(),
+    ))
+}
+
+/// GET /api/tasks/{id}
+pub async fn show(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&req)?;
+    let found = read_store(&state, &state.log, move |c| store::task_detail(c, id)).await?;
+    let (task, hosts) = found.ok_or(ApiError::NotFound)?;
+    Ok(success(Detail {
+        task: TaskItem::of(task),
+        hosts: hosts.iter().map(HostRecord::from).collect(),
+    }))
+}
