@@ -13,7 +13,8 @@
 //! - [`persistence::Persistence`]: the only database writer (an ordered queue applied on the
 //!   blocking pool); it retries only unavailability and repairs writes the database refuses.
 //! - [`clean`]: the one place where text from playbooks and nodes is made storable.
-//! - [`recovery`]: what an earlier run left (adopt, end, re-queue), as a plan the supervisor runs.
+//! - [`recovery`]: what an earlier run left (adopt, end, re-queue), as a plan the supervisor runs;
+//!   [`retention`]: old tasks lose their events and run directories.
 //! - [`store`]: diesel queries shared by both backends; [`db`]: connections, pool, migrations.
 //! - [`ansible`]: playbook and params shapes, the run directory, the callback plugin's events and
 //!   the bounded reader of its file (`ansible/tail.rs`).
@@ -42,6 +43,7 @@ pub mod persistence;
 pub mod procs;
 pub mod readers;
 pub mod recovery;
+pub mod retention;
 pub mod schema;
 pub mod server;
 pub mod settings;

@@ -36,6 +36,7 @@ diesel::table! {
         agent -> Nullable<Text>,
         cpu_usec -> Nullable<BigInt>,
         memory_peak_bytes -> Nullable<BigInt>,
+        purged_at -> Nullable<Timestamp>,
     }
 }
 

@@ -238,6 +238,7 @@ pub async fn run(
         },
     );
     let slots = QueueSlots::new(settings.max_queued);
+    let retention_root = run_root.clone();
     let control_dir = rundir::control_dir(&run_root);
     let connections = Connections::new(
         settings.clone(),
@@ -371,11 +372,23 @@ pub async fn run(
     crate::systemd::ready(&log, &format!("serving on {}", settings.bind));
     crate::systemd::watchdog(supervisor.clone(), log.clone());
     let beating = heartbeats(&settings, pool.clone(), identity.clone(), log.clone());
+    let retention = crate::retention::spawn(
+        pool.clone(),
+        crate::retention::Policy {
+            retention_days: settings.retention_days,
+            keep_tasks: settings.retention_keep_tasks,
+            agent: settings.agent_name.clone(),
+            run_root: retention_root,
+        },
+        Duration::from_secs(settings.retention_check_secs.max(1)),
+        log.new(slog::o!("part" => "retention")),
+    );
     shutdown.await;
 
     info!(log, "shutting down"; "stop_tasks" => settings.stop_tasks_on_shutdown);
     crate::systemd::stopping(&log);
     beating.abort();
+    retention.abort();
     let (draining_pool, me) = (pool.clone(), identity.clone());
     let drained = tokio::task::spawn_blocking(move || {
         let mut conn = draining_pool.get()?;

@@ -74,6 +74,12 @@ pub struct Settings {
     pub metrics_open: bool,
     /// A keep-alive line on an event stream after this long without one.
     pub event_stream_keepalive_secs: u64,
+    /// Ended tasks older than this lose their events and run directories (0: kept forever).
+    pub retention_days: u32,
+    /// Keep the `tasks` and `task_hosts` rows of those tasks (the audit trail).
+    pub retention_keep_tasks: bool,
+    /// How often a retention pass runs.
+    pub retention_check_secs: u64,
     pub db_retry_secs: u64,
     pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,

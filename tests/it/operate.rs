@@ -13,6 +13,8 @@ use crate::harness::{request, run_body, Backend, BinServer, TestServer, DEAD, HO
 both_backends!(
     metrics_after_a_mixed_run_match_the_tables,
     a_stream_from_zero_and_resumed_mid_way_holds_each_stored_event_once,
+    retention_removes_exactly_the_old_tasks_events_and_directories,
+    retention_without_the_audit_trail_deletes_the_old_tasks_rows,
 );
 
 #[derive(QueryableByName)]
@@ -588,4 +590,191 @@ fn the_tasks_cli_lists_shows_watches_and_stops_through_the_api() {
         (code, missing.as_str()),
         (1, "downlink: task not found...\n")
     );
+}
+
+/// Rows of a table for one task, by plain SQL.
+fn rows_of(server: &TestServer, table: &str, id: i64) -> i64 {
+    let sql = format!("SELECT 'n' AS key, count(*) AS n FROM {table} WHERE task_id = {id}");
+    let rows: Vec<Count> = server
+        .view
+        .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?));
+    rows[0].n
+}
+
+fn sql_time(t: chrono::NaiveDateTime) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn exec(server: &TestServer, sql: String) {
+    server
+        .view
+        .read(move |c| Ok(diesel::sql_query(sql.clone()).execute(c)?));
+}
+
+/// Waits until plain SQL finds `sql`'s count at `want`.
+fn wait_count(server: &TestServer, sql: &str, want: i64, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let query = sql.to_owned();
+        let rows: Vec<Count> = server
+            .view
+            .read(move |c| Ok(diesel::sql_query(query.clone()).load(c)?));
+        if rows[0].n == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sql}: {} after {secs} s, not {want}",
+            rows[0].n
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Two tasks ended 40 days ago lose their events and run directories and keep their rows; a
+/// recent one and one still running keep everything. On PostgreSQL a month partition that only
+/// old tasks' events fall in is dropped whole, and one that a still-running task may have events
+/// in is kept.
+fn retention_removes_exactly_the_old_tasks_events_and_directories(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| {
+        s.retention_days = 30;
+        s.retention_check_secs = 1;
+    });
+    let ping = "- ping:\n";
+    let old_a = server.run(run_body("ret-a", &[HOSTS[0]], ping));
+    let old_b = server.run(run_body("ret-b", &[HOSTS[1]], ping));
+    let recent = server.run(run_body("ret-c", &[HOSTS[2]], ping));
+    let running = server.run(run_body("ret-d", &[HOSTS[0]], "- command: sleep 600\n"));
+    for id in [old_a, old_b, recent] {
+        server.wait_end(id, 60);
+    }
+    server.wait_status(running, &[2], 30);
+    let now = chrono::Utc::now().naive_utc();
+    let days = |n: i64| now - chrono::Duration::days(n);
+    let month = |t: chrono::NaiveDateTime| t.date().with_day(1).unwrap();
+    use chrono::Datelike;
+    let mut partitions = Vec::new();
+    if backend == Backend::Postgres {
+        // Months a long-running agent made partitions for: one only the old tasks have events in
+        // (droppable) and one the still-running task started in (kept).
+        for (t, task) in [(days(110), old_a), (days(70), old_b)] {
+            let m = month(t);
+            let next = (m + chrono::Duration::days(32)).with_day(1).unwrap();
+            let name = format!("task_events_{:04}_{:02}", m.year(), m.month());
+            exec(&server, format!("CREATE TABLE {name} PARTITION OF task_events FOR VALUES FROM ('{m}') TO ('{next}')"));
+            exec(&server, format!(
+                "INSERT INTO task_events (task_id, seq, kind, payload, created_at) VALUES ({task}, 1000, 'old', '{{}}', '{}')",
+                sql_time(t)
+            ));
+            partitions.push(name);
+        }
+    }
+    let hosts_before: Vec<i64> = [old_a, old_b, recent, running]
+        .iter()
+        .map(|id| rows_of(&server, "task_hosts", *id))
+        .collect();
+    let events_before: Vec<i64> = [recent, running]
+        .iter()
+        .map(|id| rows_of(&server, "task_events", *id))
+        .collect();
+    assert!(events_before.iter().all(|n| *n > 0));
+    for id in [old_a, old_b] {
+        exec(&server, format!(
+            "UPDATE tasks SET created_at = '{}', started_at = '{}', ended_at = '{}' WHERE id = {id}",
+            sql_time(days(41)), sql_time(days(41)), sql_time(days(40))
+        ));
+    }
+    exec(
+        &server,
+        format!(
+            "UPDATE tasks SET started_at = '{}' WHERE id = {running}",
+            sql_time(days(75))
+        ),
+    );
+
+    wait_count(
+        &server,
+        &format!("SELECT 'n' AS key, count(*) AS n FROM tasks WHERE purged_at IS NOT NULL AND id IN ({old_a}, {old_b})"),
+        2,
+        30,
+    );
+    for id in [old_a, old_b] {
+        assert_eq!(rows_of(&server, "task_events", id), 0);
+        assert!(!server.run_dir(id).exists(), "run directory of {id} left");
+    }
+    assert_eq!(
+        [old_a, old_b, recent, running]
+            .map(|id| rows_of(&server, "task_hosts", id))
+            .to_vec(),
+        hosts_before,
+        "every task_hosts row stays"
+    );
+    assert_eq!(
+        [recent, running]
+            .map(|id| rows_of(&server, "task_events", id))
+            .to_vec(),
+        events_before
+    );
+    for id in [recent, running] {
+        assert!(server.run_dir(id).exists());
+    }
+    let purged = counts(
+        &server,
+        "SELECT 'n' AS key, count(*) AS n FROM tasks WHERE purged_at IS NOT NULL",
+    );
+    assert_eq!(purged["n"], 2);
+    if backend == Backend::Postgres {
+        #[derive(QueryableByName)]
+        struct Present {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            present: bool,
+        }
+        let present = |name: &str| {
+            let sql = format!("SELECT to_regclass('{name}') IS NOT NULL AS present");
+            let r: Vec<Present> = server
+                .view
+                .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?));
+            r[0].present
+        };
+        assert!(!present(&partitions[0]), "{} is dropped", partitions[0]);
+        assert!(
+            present(&partitions[1]),
+            "{} is kept: a running task started in it",
+            partitions[1]
+        );
+    }
+    server.call("/api/stop", json!({"id": running, "name": "ret-d"}));
+}
+
+/// With `retention_keep_tasks = false` the old task's rows go too (task_hosts by cascade).
+fn retention_without_the_audit_trail_deletes_the_old_tasks_rows(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| {
+        s.retention_days = 30;
+        s.retention_check_secs = 1;
+        s.retention_keep_tasks = false;
+    });
+    let old = server.run(run_body("gone", &[HOSTS[0]], "- ping:\n"));
+    let kept = server.run(run_body("kept", &[HOSTS[1]], "- ping:\n"));
+    server.wait_end(old, 60);
+    server.wait_end(kept, 60);
+    let ended = chrono::Utc::now().naive_utc() - chrono::Duration::days(31);
+    exec(
+        &server,
+        format!(
+            "UPDATE tasks SET ended_at = '{}' WHERE id = {old}",
+            sql_time(ended)
+        ),
+    );
+    wait_count(
+        &server,
+        &format!("SELECT 'n' AS key, count(*) AS n FROM tasks WHERE id = {old}"),
+        0,
+        30,
+    );
+    assert_eq!(rows_of(&server, "task_hosts", old), 0);
+    assert_eq!(rows_of(&server, "task_events", old), 0);
+    assert!(!server.run_dir(old).exists());
+    assert_eq!(server.view.task(kept).name, "kept");
+    assert!(rows_of(&server, "task_events", kept) > 0);
+    assert!(server.run_dir(kept).exists());
 }

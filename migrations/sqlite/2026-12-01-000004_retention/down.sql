@@ -1,0 +1,2 @@
+DROP INDEX tasks_unpurged_idx;
+ALTER TABLE tasks DROP COLUMN purged_at;
