@@ -267,6 +267,7 @@ pub fn stop(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<()
 #[derive(Default)]
 struct HostProgress {
     ok: u64,
+    changed: u64,
     failed: u64,
     unreachable: u64,
     skipped: u64,
@@ -276,8 +277,8 @@ struct HostProgress {
 impl HostProgress {
     fn line(&self) -> String {
         format!(
-            "ok {:<4} failed {:<3} unreachable {:<3} skipped {:<3} {}",
-            self.ok, self.failed, self.unreachable, self.skipped, self.last_task
+            "ok {:<4} changed {:<3} failed {:<3} unreachable {:<3} skipped {:<3} {}",
+            self.ok, self.changed, self.failed, self.unreachable, self.skipped, self.last_task
         )
     }
 }
@@ -469,7 +470,12 @@ pub fn watch(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<i
                     if let Some(host) = ev["host"].as_str() {
                         let p = progress.entry(host.to_owned()).or_default();
                         match text(&ev["kind"]) {
-                            "runner_ok" => p.ok += 1,
+                            "runner_ok" => {
+                                p.ok += 1;
+                                if ev["payload"]["changed"] == json!(true) {
+                                    p.changed += 1;
+                                }
+                            }
                             "runner_failed" => p.failed += 1,
                             "runner_unreachable" => p.unreachable += 1,
                             "runner_skipped" => p.skipped += 1,
