@@ -7,7 +7,8 @@
 //!
 //! - HTTP handlers, one file per endpoint: [`api`] (`api/run.rs`, `api/stop.rs`, …); the shared
 //!   envelope, headers and error strings are in `api.rs`, request fields in `api/fields.rs`.
-//! - [`supervisor::TaskSupervisor`]: queue, forks budget, stop routing, `parallel_run` waiters.
+//! - [`supervisor::TaskSupervisor`]: queue, forks budget, stop routing, `parallel_run` waiters;
+//!   [`claim`]: the queue shared by every agent on one PostgreSQL (`shared_queue`).
 //! - [`task::TaskActor`]: one per running task; owns its process group and run directory;
 //!   `task/verdict.rs` turns how it ended into status and `err`.
 //! - [`persistence::Persistence`]: the only database writer (an ordered queue applied on the
@@ -32,6 +33,7 @@ pub mod agents;
 pub mod ansible;
 pub mod api;
 pub mod auth;
+pub mod claim;
 pub mod clean;
 pub mod cli;
 pub mod db;

@@ -116,6 +116,8 @@ pub struct Persistence {
     metrics: Arc<Metrics>,
     /// Bumped after each commit of events or an end: event streams read again.
     committed: tokio::sync::watch::Sender<u64>,
+    /// Shared queue: every end and every unclaimed insert sends `NOTIFY downlink_queue`.
+    notify: bool,
     retry_for: Duration,
     queue: VecDeque<Queued>,
     busy: bool,
@@ -140,12 +142,19 @@ impl Persistence {
             health,
             metrics,
             committed,
+            notify: false,
             retry_for,
             queue: VecDeque::new(),
             busy: false,
             backoff: MIN_BACKOFF,
             singles: 0,
         }
+    }
+
+    /// With the shared queue: ends and unclaimed inserts wake every agent.
+    pub fn with_notify(mut self, notify: bool) -> Persistence {
+        self.notify = notify;
+        self
     }
 
     fn enqueue(
@@ -211,8 +220,9 @@ impl Persistence {
         self.busy = true;
         let writes: Vec<Write> = self.queue.iter().take(n).map(|q| q.write.clone()).collect();
         let pool = self.pool.clone();
+        let notify = self.notify;
         let job = async move {
-            tokio::task::spawn_blocking(move || apply_batch(&pool, &writes))
+            tokio::task::spawn_blocking(move || apply_batch(&pool, &writes, notify))
                 .await
                 .ok()
                 .flatten()
@@ -251,8 +261,9 @@ impl Persistence {
         self.busy = true;
         let write = head.write.clone();
         let pool = self.pool.clone();
+        let notify = self.notify;
         let job = async move {
-            tokio::task::spawn_blocking(move || apply(&pool, &write))
+            tokio::task::spawn_blocking(move || apply(&pool, &write, notify))
                 .await
                 .unwrap_or_else(|e| Applied::away(StoreError::Unavailable(e.to_string())))
         };
@@ -374,14 +385,14 @@ fn reason(e: &StoreError) -> String {
         .collect()
 }
 
-fn apply(pool: &Pool, write: &Write) -> Applied {
+fn apply(pool: &Pool, write: &Write, notify: bool) -> Applied {
     let mut conn = match pool.get() {
         Ok(conn) => conn,
         Err(e) => return Applied::away(e.into()),
     };
     let c: &mut DbConnection = &mut conn;
     let mut repairs = Vec::new();
-    let result = match run(c, write) {
+    let result = match run(c, write, notify) {
         Ok(v) => Ok(v),
         Err(e) if classify(c, &e) == Class::Away => return Applied::away(e),
         Err(e) => repair(c, write, &e, &mut repairs),
@@ -399,12 +410,15 @@ fn apply(pool: &Pool, write: &Write) -> Applied {
 
 /// Every write in one transaction; `None` if any of them (or the commit) failed, and then none
 /// of them is stored.
-fn apply_batch(pool: &Pool, writes: &[Write]) -> Option<Vec<bool>> {
+fn apply_batch(pool: &Pool, writes: &[Write], notify: bool) -> Option<Vec<bool>> {
     let mut conn = pool.get().ok()?;
-    store::in_one_transaction(&mut conn, |c| writes.iter().map(|w| run(c, w)).collect()).ok()
+    store::in_one_transaction(&mut conn, |c| {
+        writes.iter().map(|w| run(c, w, notify)).collect()
+    })
+    .ok()
 }
 
-fn run(c: &mut DbConnection, write: &Write) -> Result<bool, StoreError> {
+fn run(c: &mut DbConnection, write: &Write, notify: bool) -> Result<bool, StoreError> {
     match write {
         Write::Running(m) => store::mark_running(
             c,
@@ -423,7 +437,14 @@ fn run(c: &mut DbConnection, write: &Write) -> Result<bool, StoreError> {
             }
             Ok(true)
         }
-        Write::Finish(f) => store::finish(c, f),
+        Write::Finish(f) => {
+            let ended = store::finish(c, f)?;
+            if ended && notify {
+                // In the batch's transaction (sent at its commit), else right after the end's.
+                crate::claim::notify(c)?;
+            }
+            Ok(ended)
+        }
         Write::Repair(truths) => {
             for truth in truths {
                 repair_row(c, truth)?;
@@ -516,7 +537,7 @@ fn repair(
                 nodes: Vec::new(),
                 ..m.clone()
             };
-            run(c, &Write::Running(bare))
+            run(c, &Write::Running(bare), false)
         }
         Write::Finish(f) => {
             let plain = plain_end(f, first);
@@ -600,7 +621,7 @@ fn repair_row(c: &mut DbConnection, truth: &Truth) -> Result<bool, StoreError> {
             if !behind {
                 return Ok(false);
             }
-            run(c, &Write::Running(m.clone()))
+            run(c, &Write::Running(m.clone()), false)
         }
         Truth::Ended(f) => store::finish(c, f),
     }
@@ -623,7 +644,13 @@ impl Handler<InsertTask> for Persistence {
         Box::pin(async move {
             let result = tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get()?;
-                store::insert_task(&mut conn, &msg.0)
+                let id = store::insert_task(&mut conn, &msg.0)?;
+                if msg.0.agent.is_none() {
+                    // Unclaimed: wake every agent of the shared queue (a lost one is covered by
+                    // their claims every second).
+                    let _ = crate::claim::notify(&mut conn);
+                }
+                Ok(id)
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));

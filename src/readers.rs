@@ -151,6 +151,56 @@ impl Readers {
         result
     }
 
+    /// Listens on `channel` on a connection of its own, calling `on_notify` for each notification,
+    /// until the future is dropped; a lost connection is opened again after a second (and logged).
+    pub async fn listen(self, channel: &'static str, on_notify: impl Fn(), log: slog::Logger) {
+        let mut lost = false;
+        loop {
+            match self.config.connect(self.tls.clone()).await {
+                Ok((client, mut connection)) => {
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                    // Drives the connection: the LISTEN's answer and every notification.
+                    let driver = actix_web::rt::spawn(async move {
+                        loop {
+                            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                    let _ = tx.send(());
+                                }
+                                Some(Ok(_)) => {}
+                                Some(Err(_)) | None => return,
+                            }
+                        }
+                    });
+                    if client
+                        .batch_execute(&format!("LISTEN {channel}"))
+                        .await
+                        .is_ok()
+                    {
+                        if lost {
+                            slog::info!(log, "listening for the shared queue's wake-ups again");
+                        }
+                        lost = false;
+                        // Anything stored while not listening.
+                        on_notify();
+                        while rx.recv().await.is_some() {
+                            on_notify();
+                        }
+                    }
+                    driver.abort();
+                }
+                Err(e) if !lost => {
+                    slog::warn!(log, "cannot listen for the shared queue's wake-ups; claiming every second meanwhile"; "error" => %e);
+                }
+                Err(_) => {}
+            }
+            if !lost {
+                slog::warn!(log, "lost the connection that listens for the shared queue's wake-ups; opening it again");
+            }
+            lost = true;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     async fn connect(&self) -> Result<Rc<ReadConn>, StoreError> {
         let (client, connection) = self
             .config
@@ -193,14 +243,14 @@ macro_rules! host_columns {
 /// `store::task_with_hosts`'s statement, in the columns of `TaskSummary` and `HostRow`.
 const TASK_WITH_HOSTS: &str = concat!(
     "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, t.updated_at, t.started_at, \
-     t.ended_at, ",
+     t.ended_at, t.agent, ",
     host_columns!(),
     " FROM tasks t LEFT JOIN task_hosts h ON h.task_id = t.id \
      WHERE t.id = $1 AND t.name = $2 ORDER BY h.id"
 );
 
 /// Where `host_columns!` start in [`TASK_WITH_HOSTS`]'s rows.
-const HOSTS_AT: usize = 9;
+const HOSTS_AT: usize = 10;
 
 /// `store::task_hosts`'s statement.
 const TASK_HOSTS: &str = concat!(
@@ -236,6 +286,7 @@ pub async fn task_with_hosts(
         updated_at: first.try_get(6).map_err(unavailable)?,
         started_at: first.try_get(7).map_err(unavailable)?,
         ended_at: first.try_get(8).map_err(unavailable)?,
+        agent: first.try_get(9).map_err(unavailable)?,
     };
     let mut hosts = Vec::with_capacity(rows.len());
     for row in &rows {

@@ -3,7 +3,8 @@
 //! supervisor carries it out, every write going through Persistence in order.
 //!
 //! A task belongs to this agent when its `tasks.agent` is this `agent_name` (or NULL: stored before
-//! agents had names). For each unfinished one:
+//! agents had names; with `shared_queue`, NULL is the shared queue's and nobody's). For each
+//! unfinished one:
 //!
 //! | row | run directory | plan |
 //! |---|---|---|
@@ -58,9 +59,15 @@ impl Plan {
 }
 
 /// The plan for the unfinished tasks of `agent`, whose run directories are now under `run_root`.
-pub fn plan(conn: &mut DbConnection, agent: &str, run_root: &Path) -> Result<Plan, StoreError> {
+/// With `shared` (the shared queue), unclaimed tasks are the queue's, not this agent's.
+pub fn plan(
+    conn: &mut DbConnection,
+    agent: &str,
+    run_root: &Path,
+    shared: bool,
+) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
-    for task in store::tasks_with_status(conn, agent, &[1, 2])? {
+    for task in store::tasks_with_status(conn, agent, &[1, 2], !shared)? {
         plan_one(&mut plan, task, run_root);
     }
     Ok(plan)

@@ -101,6 +101,14 @@ pub fn migrate_only(settings: &Settings, log: &Logger) -> anyhow::Result<()> {
 /// tasks an earlier server left unfinished.
 pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let target = Target::parse(&settings.effective_database_url())?;
+    if settings.shared_queue {
+        if !matches!(target, Target::Postgres(_)) {
+            anyhow::bail!("shared_queue needs PostgreSQL: agents share their queue through its tasks table (database_url is {})", target.describe());
+        }
+        if !settings.store_params {
+            anyhow::bail!("shared_queue needs store_params = true: the agent that claims a task reads its params from its row");
+        }
+    }
     let pool = db::pool(
         &target,
         settings.pool_size,
@@ -140,7 +148,12 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let agent_dir = settings.run_dir.join(&settings.agent_name);
     let run_root = rundir::install(&agent_dir, run_as.as_ref())
         .with_context(|| format!("preparing run directory {}", agent_dir.display()))?;
-    let plan = recovery::plan(&mut conn, &settings.agent_name, &run_root)?;
+    let plan = recovery::plan(
+        &mut conn,
+        &settings.agent_name,
+        &run_root,
+        settings.shared_queue,
+    )?;
     drop(conn);
     if !plan.is_empty() {
         info!(log, "unfinished tasks found"; "agent" => &settings.agent_name,
@@ -227,14 +240,15 @@ pub async fn run(
         metrics.clone(),
         committed_tx,
         Duration::from_secs(settings.db_retry_secs),
+        settings.shared_queue,
     );
     // Its blocking jobs: a batch, and new tasks' inserts (as many at once as the pool has).
     let writer_threads = settings.pool_size as usize + 1;
     let persistence = Persistence::start_in_arbiter(
         &Arbiter::with_tokio_rt(move || runtime("dl-writer", writer_threads)).handle(),
         move |_| {
-            let (pool, log, health, metrics, committed, retry_for) = writer;
-            Persistence::new(pool, log, health, metrics, committed, retry_for)
+            let (pool, log, health, metrics, committed, retry_for, shared) = writer;
+            Persistence::new(pool, log, health, metrics, committed, retry_for).with_notify(shared)
         },
     );
     let slots = QueueSlots::new(settings.max_queued);
@@ -262,7 +276,27 @@ pub async fn run(
         exec,
         log.clone(),
     )
+    .with_shared(settings.shared_queue.then(|| crate::claim::Shared {
+        pool: pool.clone(),
+        cluster_max_forks: settings.cluster_max_forks,
+    }))
     .start();
+    let listening = match (&readers, settings.shared_queue) {
+        (Some(readers), true) => {
+            let (readers, to) = (readers.clone(), supervisor.clone());
+            let llog = log.new(slog::o!("part" => "shared-queue"));
+            Some(actix_web::rt::spawn(readers.listen(
+                crate::claim::CHANNEL,
+                move || to.do_send(crate::supervisor::Claim),
+                llog,
+            )))
+        }
+        (None, true) => {
+            warn!(log, "the shared queue's wake-ups need a database URL that tokio-postgres reads; agents claim every second instead");
+            None
+        }
+        _ => None,
+    };
     // Handled before the listener starts, so READY=1 means the earlier tasks are adopted or queued.
     let _ = supervisor.send(recover).await;
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
@@ -389,6 +423,9 @@ pub async fn run(
     crate::systemd::stopping(&log);
     beating.abort();
     retention.abort();
+    if let Some(l) = listening {
+        l.abort();
+    }
     let (draining_pool, me) = (pool.clone(), identity.clone());
     let drained = tokio::task::spawn_blocking(move || {
         let mut conn = draining_pool.get()?;

@@ -80,6 +80,10 @@ pub struct Settings {
     pub retention_keep_tasks: bool,
     /// How often a retention pass runs.
     pub retention_check_secs: u64,
+    /// One queue for every agent on this PostgreSQL database: tasks are claimed from the table.
+    pub shared_queue: bool,
+    /// With `shared_queue`: most forks in use over all agents (0: only each agent's `max_forks`).
+    pub cluster_max_forks: u32,
     pub db_retry_secs: u64,
     pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,

@@ -55,6 +55,7 @@ pub struct TaskSummary {
     pub updated_at: NaiveDateTime,
     pub started_at: Option<NaiveDateTime>,
     pub ended_at: Option<NaiveDateTime>,
+    pub agent: Option<String>,
 }
 
 /// What `GET /api/tasks` lists of a task.
@@ -89,7 +90,8 @@ pub struct NewTask {
     pub source: String,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
-    pub agent: String,
+    /// The agent that runs it; `None`: unclaimed, in the shared queue (`shared_queue`).
+    pub agent: Option<String>,
 }
 
 /// A per-host result row.
@@ -301,19 +303,24 @@ pub fn task_with_hosts(
     Ok(Some((task, hosts)))
 }
 
-/// Every task of `agent` (or of no agent: stored before agents had names) with one of these
-/// statuses, oldest first.
+/// Every task of `agent` with one of these statuses, oldest first; with `unowned`, also those of
+/// no agent (stored before agents had names; in the shared queue they are the queue, nobody's).
 pub fn tasks_with_status(
     conn: &mut DbConnection,
     agent: &str,
     statuses: &[i32],
+    unowned: bool,
 ) -> Result<Vec<Task>, StoreError> {
-    Ok(tasks::table
+    let of = tasks::table
         .filter(tasks::status.eq_any(statuses))
-        .filter(tasks::agent.eq(agent).or(tasks::agent.is_null()))
         .order(tasks::id.asc())
-        .select(Task::as_select())
-        .load(conn)?)
+        .select(Task::as_select());
+    Ok(if unowned {
+        of.filter(tasks::agent.eq(agent).or(tasks::agent.is_null()))
+            .load(conn)?
+    } else {
+        of.filter(tasks::agent.eq(agent)).load(conn)?
+    })
 }
 
 /// The newest `limit` tasks, of this status and source if given, newest first.
@@ -375,6 +382,15 @@ pub fn task_counts(conn: &mut DbConnection) -> Result<TaskCounts, StoreError> {
         by_status,
         oldest_pending,
     })
+}
+
+/// A task's status code; `None` if there is no such task.
+pub fn task_status(conn: &mut DbConnection, id: i64) -> Result<Option<i32>, StoreError> {
+    Ok(tasks::table
+        .find(id)
+        .select(tasks::status)
+        .first(conn)
+        .optional()?)
 }
 
 /// The host rows of a task in node order.

@@ -102,6 +102,12 @@ pub struct TaskSupervisor {
     reconciling: bool,
     /// Shutting down: nothing more is admitted.
     closing: bool,
+    /// The shared queue (`shared_queue`): tasks are claimed from the table, not queued here.
+    shared: Option<crate::claim::Shared>,
+    /// A claim is under way.
+    claiming: bool,
+    /// The last claim failed (logged once until one succeeds).
+    claim_failing: bool,
     /// Shared with every TaskActor: set at shutdown, so actors dropped with the server leave their
     /// processes to the next start.
     shutting_down: Arc<AtomicBool>,
@@ -131,12 +137,21 @@ impl TaskSupervisor {
             owed: BTreeMap::new(),
             reconciling: false,
             closing: false,
+            shared: None,
+            claiming: false,
+            claim_failing: false,
             shutting_down: Arc::new(AtomicBool::new(false)),
             exec,
         }
     }
 
-    /// Starts queued tasks from the head while the budget allows.
+    /// With the shared queue: claims are made from the table.
+    pub fn with_shared(mut self, shared: Option<crate::claim::Shared>) -> TaskSupervisor {
+        self.shared = shared;
+        self
+    }
+
+    /// Starts queued tasks from the head while the budget allows, then (shared queue) claims.
     fn admit(&mut self, ctx: &mut Context<Self>) {
         if self.closing {
             return;
@@ -147,21 +162,106 @@ impl TaskSupervisor {
             if self.used_forks + head.forks.min(max) > max {
                 break;
             }
-            let Some(mut spec) = self.queue.pop_front() else {
+            let Some(spec) = self.queue.pop_front() else {
                 break;
             };
-            if spec.forks > max {
-                info!(self.log, "task asks for more forks than max_forks; it runs with max_forks";
-                      "task_id" => spec.id, "forks" => spec.forks, "max_forks" => max);
-                spec.forks = max;
-            }
             self.slots.give_back();
-            let dir = RunDir::of(&self.run_root, spec.id);
-            let now = time::now();
-            let waited = (now - spec.created_at).num_milliseconds() as f64 / 1000.0;
-            self.exec.metrics.waited(waited);
-            self.start_task(spec, now, Origin::Spawn, dir, None, ctx);
+            self.launch(spec, ctx);
         }
+        self.claim(ctx);
+    }
+
+    /// Starts a task taken from the head of the queue (this agent's or the shared one).
+    fn launch(&mut self, mut spec: TaskSpec, ctx: &mut Context<Self>) {
+        let max = self.settings.max_forks;
+        if spec.forks > max {
+            info!(self.log, "task asks for more forks than max_forks; it runs with max_forks";
+                  "task_id" => spec.id, "forks" => spec.forks, "max_forks" => max);
+            spec.forks = max;
+        }
+        let dir = RunDir::of(&self.run_root, spec.id);
+        let now = time::now();
+        let waited = (now - spec.created_at).num_milliseconds() as f64 / 1000.0;
+        self.exec.metrics.waited(waited);
+        self.start_task(spec, now, Origin::Spawn, dir, None, ctx);
+    }
+
+    /// Shared queue: claims the head of the table's queue if it fits in the free forks, starts
+    /// it, and claims again; one claim at a time. This agent's own queue (tasks it claimed before a
+    /// restart) goes first.
+    fn claim(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        if self.closing || self.claiming || !self.queue.is_empty() {
+            return;
+        }
+        let max = self.settings.max_forks;
+        let room = crate::claim::Room {
+            free: max.saturating_sub(self.used_forks),
+            max_forks: max,
+            cluster_max_forks: shared.cluster_max_forks,
+        };
+        if room.free == 0 {
+            return;
+        }
+        self.claiming = true;
+        let pool = shared.pool.clone();
+        let me = self.settings.agent_name.clone();
+        let job = async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                crate::claim::claim_head(&mut conn, &me, room)
+            })
+            .await
+            .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
+        };
+        ctx.spawn(job.into_actor(self).map(|claimed, act, ctx| {
+            act.claiming = false;
+            match claimed {
+                Ok(Some(task)) => {
+                    act.claim_failing = false;
+                    match TaskSpec::from_row(&task) {
+                        Ok(spec) => {
+                            info!(act.log, "claimed a task from the shared queue"; "task_id" => spec.id);
+                            act.launch(spec, ctx);
+                        }
+                        Err(why) => act.unreadable(&task, why, ctx),
+                    }
+                    act.claim(ctx);
+                }
+                Ok(None) => act.claim_failing = false,
+                Err(e) => {
+                    if !act.claim_failing {
+                        warn!(act.log, "cannot claim from the shared queue; trying again"; "error" => %e);
+                    }
+                    act.claim_failing = true;
+                }
+            }
+        }));
+    }
+
+    /// A claimed task whose row cannot be read as a task: it ends failed, saying why.
+    fn unreadable(&mut self, task: &crate::store::Task, why: String, ctx: &mut Context<Self>) {
+        let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
+        let fin = Finish {
+            id: task.id,
+            status: Status::Failed,
+            err: Some(format!("the stored task cannot be read: {why}")),
+            exit_code: None,
+            ended_at: time::now(),
+            hosts: Hosts::new(&nodes).finish(Ending::Interrupted),
+            usage: Default::default(),
+        };
+        let id = task.id;
+        self.owed.insert(id, fin.clone());
+        let sent = self.persistence.send(FinishTask(fin));
+        ctx.spawn(sent.into_actor(self).map(move |res, act, _| {
+            if let Ok(Ok(_)) = res {
+                act.owed.remove(&id);
+            }
+            act.wake(id);
+        }));
     }
 
     /// Charges the task's forks and starts its actor.
@@ -299,6 +399,10 @@ impl Actor for TaskSupervisor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let every = std::time::Duration::from_secs(self.settings.reconcile_secs);
         ctx.run_interval(every, |act, ctx| act.reconcile(ctx));
+        if self.shared.is_some() {
+            // The fallback for a lost NOTIFY.
+            ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| act.claim(ctx));
+        }
     }
 }
 
@@ -314,6 +418,13 @@ impl Handler<Enqueue> for TaskSupervisor {
     type Result = Option<oneshot::Receiver<()>>;
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.spec.id;
+        if self.shared.is_some() {
+            // Stored unclaimed: it is the shared queue's, claimed by whichever agent has room.
+            self.slots.give_back();
+            let rx = msg.wait.then(|| self.wait_for(id));
+            self.claim(ctx);
+            return rx;
+        }
         self.queue_in_order(msg.spec);
         let rx = msg.wait.then(|| self.wait_for(id));
         self.admit(ctx);
@@ -466,6 +577,18 @@ impl Handler<EndTask> for TaskSupervisor {
             let _ = rx.await;
             EndOutcome::Ended
         })
+    }
+}
+
+/// Claim from the shared queue now (a `NOTIFY` arrived).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Claim;
+
+impl Handler<Claim> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, _: Claim, ctx: &mut Context<Self>) {
+        self.claim(ctx);
     }
 }
 

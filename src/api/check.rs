@@ -36,6 +36,9 @@ pub struct CheckContent {
     pub started_time: Option<String>,
     /// HTTP date the task ended, null before. Additive.
     pub end_time: Option<String>,
+    /// The `agent_name` of the agent that runs or ran the task; null while it is pending.
+    /// Additive.
+    pub agent: Option<String>,
 }
 
 /// One element of `log`.
@@ -97,10 +100,11 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let ApiRequest { body, log, .. } = req;
     let (id, name) = id_and_name(&body)?;
     let (task, hosts) = find(&state, &log, id, name).await?;
-    let place = if task.status == crate::status::Status::Pending.code() {
-        state.supervisor.send(WhereInQueue(id)).await.ok().flatten()
-    } else {
-        None
+    let pending = task.status == crate::status::Status::Pending.code();
+    let place = match (pending, state.settings.shared_queue) {
+        (true, false) => state.supervisor.send(WhereInQueue(id)).await.ok().flatten(),
+        (true, true) => shared_place(&state, &log, &task).await,
+        (false, _) => None,
     };
     let records: Vec<HostRecord> = hosts.iter().map(HostRecord::from).collect();
     Ok(success(CheckContent {
@@ -115,5 +119,34 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
         waiting_for: place.map(|p| p.waiting_for),
         started_time: task.started_at.map(time::http_date),
         end_time: task.ended_at.map(time::http_date),
+        agent: task.agent.filter(|_| !pending),
     }))
+}
+
+/// A pending task's place in the shared queue (`shared_queue`), read from the table: unclaimed
+/// tasks before it, or the agent that claimed it and is starting it.
+async fn shared_place(
+    state: &AppState,
+    log: &slog::Logger,
+    task: &TaskSummary,
+) -> Option<crate::supervisor::QueuePlace> {
+    if let Some(agent) = &task.agent {
+        return Some(crate::supervisor::QueuePlace {
+            position: 1,
+            waiting_for: format!("claimed by {agent}, starting"),
+        });
+    }
+    let id = task.id;
+    let ahead = super::read_store(state, log, move |c| crate::claim::ahead_of(c, id))
+        .await
+        .ok()?;
+    let before = match ahead {
+        0 => "first in the shared queue".to_owned(),
+        1 => "1 task ahead in the shared queue".to_owned(),
+        n => format!("{n} tasks ahead in the shared queue"),
+    };
+    Some(crate::supervisor::QueuePlace {
+        position: usize::try_from(ahead).unwrap_or(0) + 1,
+        waiting_for: format!("an agent with free forks; {before}"),
+    })
 }

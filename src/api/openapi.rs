@@ -131,6 +131,8 @@ pub enum StopAnswer {
 /// Answer of `/api/check`.
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(untagged)]
+// The shape of the document (and of answers decoded in tests), never built by the server.
+#[allow(clippy::large_enum_variant)]
 pub enum CheckAnswer {
     Ok(CheckOk),
     Failed(Failure),

@@ -14,6 +14,36 @@ use super::{read_either, ApiError, ApiRequest, AppState};
 use crate::store;
 use crate::supervisor::{EndOutcome, EndReason, EndTask};
 
+/// Completes when the task has ended: told by this agent's supervisor, or (shared queue, where
+/// another agent may run it) read from its row every [`POLL`].
+async fn ended_anywhere(
+    state: &AppState,
+    log: &slog::Logger,
+    id: i64,
+    mut here: tokio::sync::oneshot::Receiver<()>,
+) {
+    if !state.settings.shared_queue {
+        let _ = here.await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = &mut here => return,
+            _ = tokio::time::sleep(POLL) => {
+                let status = super::read_store(state, log, move |c| store::task_status(c, id)).await;
+                if let Ok(Some(code)) = status {
+                    if crate::status::Status::from_code(code).is_some_and(crate::status::Status::is_terminal) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often a `parallel_run` on the shared queue reads its task's status.
+const POLL: Duration = Duration::from_millis(250);
+
 /// POST /api/parallel_run
 pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpResponse, ApiError> {
     let ApiRequest { caller, body, log } = req;
@@ -23,7 +53,7 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let mut closing = state.closing.clone();
     let finished = match ended {
         Some(rx) => tokio::select! {
-            done = tokio::time::timeout(timeout, rx) => done.is_ok(),
+            done = tokio::time::timeout(timeout, ended_anywhere(&state, &log, id, rx)) => done.is_ok(),
             _ = closing.wait_for(|c| *c) => {
                 return Err(ApiError::Other(format!(
                     "downlink is shutting down; task {id} goes on, check it later with /api/check"

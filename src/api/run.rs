@@ -53,7 +53,8 @@ pub async fn submit(
         source: caller.source.clone(),
         created_at: now,
         updated_at: now,
-        agent: state.settings.agent_name.clone(),
+        // In the shared queue a task is nobody's until an agent claims it.
+        agent: (!state.settings.shared_queue).then(|| state.settings.agent_name.clone()),
     };
     let inserted = state
         .persistence

@@ -152,7 +152,7 @@ fn run_check_and_getlog_answer_exact_bodies(backend: Backend) {
         .collect();
     let err = format!("1 of 2 hosts failed: {DEAD} unreachable ({quoted})");
     let expected = format!(
-        "{{\"code\":0,\"content\":{{\"create_time\":\"{}\",\"err\":{},\"id\":1,\"log\":{},\"nodes\":{},\"status\":3,\"update_time\":\"{}\",\"queue_position\":null,\"waiting_for\":null,\"started_time\":\"{}\",\"end_time\":\"{}\"}}}}",
+        "{{\"code\":0,\"content\":{{\"create_time\":\"{}\",\"err\":{},\"id\":1,\"log\":{},\"nodes\":{},\"status\":3,\"update_time\":\"{}\",\"queue_position\":null,\"waiting_for\":null,\"started_time\":\"{}\",\"end_time\":\"{}\",\"agent\":{}}}}}",
         http_date(task.created_at),
         json!(err),
         json!(expected_log),
@@ -160,6 +160,7 @@ fn run_check_and_getlog_answer_exact_bodies(backend: Backend) {
         http_date(task.updated_at),
         http_date(task.started_at.expect("started")),
         http_date(task.ended_at.expect("ended")),
+        json!(server.settings.agent_name),
     );
     let (_, got) = server.post("/api/check", &json!({"id": 1, "name": "exact"}).to_string());
     assert_eq!(got, expected);

@@ -401,6 +401,11 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
             s.remove_extra_vars_at_end.to_string(),
         ),
         ("DOWNLINK_DB_RETRY_SECS", s.db_retry_secs.to_string()),
+        ("DOWNLINK_SHARED_QUEUE", s.shared_queue.to_string()),
+        (
+            "DOWNLINK_CLUSTER_MAX_FORKS",
+            s.cluster_max_forks.to_string(),
+        ),
         (
             "DOWNLINK_EVENT_STREAM_KEEPALIVE_SECS",
             s.event_stream_keepalive_secs.to_string(),

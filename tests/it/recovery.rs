@@ -193,7 +193,8 @@ fn sigterm_exits_at_once_and_the_next_start_adopts() {
     let waited = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let t = store::tasks_with_status(&mut view.conn(), &settings.agent_name, &[2]).unwrap();
+            let t = store::tasks_with_status(&mut view.conn(), &settings.agent_name, &[2], true)
+                .unwrap();
             if let Some(t) = t.iter().find(|t| t.name == "waited") {
                 break t.id;
             }

@@ -1,0 +1,119 @@
+//! The shared queue (`shared_queue = true`, PostgreSQL): every agent inserts its tasks unclaimed
+//! (`tasks.agent` NULL, status 1) and any agent with free forks claims the head.
+//!
+//! A claim is one short transaction under an advisory lock that every agent's claim takes, so the
+//! queue stays strictly FIFO across agents and the budgets exact: the oldest unclaimed pending task
+//! (`FOR UPDATE SKIP LOCKED`, so a row a stop is ending is passed over) is taken only if it fits in
+//! this agent's free forks and, with `cluster_max_forks`, in what the cluster has left; otherwise
+//! nobody behind it is taken either. The claimer writes its `agent_name` into the row and runs it.
+//!
+//! Agents are woken by `NOTIFY downlink_queue`, sent in the transaction of every insert and every
+//! end (so at their commit); each also claims every second, in case a notification is lost.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable};
+
+use crate::db::DbConnection;
+use crate::schema::tasks;
+use crate::store::{StoreError, Task};
+
+/// The channel of the wake-ups.
+pub const CHANNEL: &str = "downlink_queue";
+/// The advisory lock every claim takes (`"dlqu"`).
+const CLAIM_LOCK: i64 = 0x646c_7175;
+
+/// What a supervisor claims with.
+#[derive(Clone)]
+pub struct Shared {
+    pub pool: crate::db::Pool,
+    pub cluster_max_forks: u32,
+}
+
+/// What a claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// This agent's free forks.
+    pub free: u32,
+    /// This agent's `max_forks` (a task asking for more runs with this many).
+    pub max_forks: u32,
+    /// `cluster_max_forks`; 0 = no cap over all agents.
+    pub cluster_max_forks: u32,
+}
+
+#[derive(QueryableByName)]
+struct Sum {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    forks: Option<i64>,
+}
+
+/// Claims the head of the shared queue for `agent` if it fits in `room`; the task's row, now
+/// carrying `agent`.
+pub fn claim_head(
+    conn: &mut DbConnection,
+    agent: &str,
+    room: Room,
+) -> Result<Option<Task>, StoreError> {
+    if room.free == 0 {
+        return Ok(None);
+    }
+    conn.transaction(|c| {
+        diesel::sql_query(format!("SELECT pg_advisory_xact_lock({CLAIM_LOCK})")).execute(c)?;
+        let DbConnection::Pg(pg) = c else {
+            return Ok(None);
+        };
+        let head: Option<Task> = tasks::table
+            .filter(tasks::status.eq(crate::status::Status::Pending.code()))
+            .filter(tasks::agent.is_null())
+            .order(tasks::id.asc())
+            .limit(1)
+            .for_update()
+            .skip_locked()
+            .select(Task::as_select())
+            .first(pg)
+            .optional()?;
+        let Some(mut head) = head else {
+            return Ok(None);
+        };
+        let needs = u32::try_from(head.forks)
+            .unwrap_or(1)
+            .clamp(1, room.max_forks.max(1));
+        if needs > room.free {
+            return Ok(None);
+        }
+        if room.cluster_max_forks > 0 {
+            // Running tasks hold what they run with; claimed ones not started yet what they ask.
+            let used: Vec<Sum> = diesel::sql_query(
+                "SELECT SUM(forks)::bigint AS forks FROM tasks \
+                 WHERE status = 2 OR (status = 1 AND agent IS NOT NULL)",
+            )
+            .load(pg)?;
+            let used = used.first().and_then(|s| s.forks).unwrap_or(0);
+            if used + i64::from(needs) > i64::from(room.cluster_max_forks) {
+                return Ok(None);
+            }
+        }
+        diesel::update(tasks::table.find(head.id))
+            .set(tasks::agent.eq(agent))
+            .execute(pg)?;
+        head.agent = Some(agent.to_owned());
+        Ok(Some(head))
+    })
+}
+
+/// `NOTIFY downlink_queue` in the current transaction (PostgreSQL; nothing on SQLite).
+pub fn notify(conn: &mut DbConnection) -> Result<(), StoreError> {
+    if let DbConnection::Pg(pg) = conn {
+        diesel::sql_query(format!("NOTIFY {CHANNEL}")).execute(pg)?;
+    }
+    Ok(())
+}
+
+/// Where a pending task stands in the shared queue: unclaimed tasks before it.
+pub fn ahead_of(conn: &mut DbConnection, id: i64) -> Result<i64, StoreError> {
+    Ok(tasks::table
+        .filter(tasks::status.eq(crate::status::Status::Pending.code()))
+        .filter(tasks::agent.is_null())
+        .filter(tasks::id.lt(id))
+        .count()
+        .get_result(conn)?)
+}

@@ -1,0 +1,222 @@
+//! Many agents, one service: agents on one PostgreSQL share one queue (`shared_queue`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamp};
+use diesel::{QueryableByName, RunQueryDsl};
+use serde_json::{json, Value};
+
+use crate::harness::{
+    figure, run_body, test_settings, Backend, BinServer, DbView, TempDir, TestDb, HOSTS,
+};
+
+fn post(server: &BinServer, path: &str, body: &Value) -> Value {
+    let (status, text) = server.post(path, &body.to_string());
+    assert_eq!(status, 200, "{path}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {text:?}: {e}"))
+}
+
+fn run(server: &BinServer, body: Value) -> i64 {
+    let answer = post(server, "/api/run", &body);
+    answer["content"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("run refused: {answer}"))
+}
+
+#[derive(QueryableByName, Debug)]
+struct Row {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Integer)]
+    status: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    agent: Option<String>,
+    #[diesel(sql_type = Timestamp)]
+    created_at: chrono::NaiveDateTime,
+    #[diesel(sql_type = Nullable<Timestamp>)]
+    started_at: Option<chrono::NaiveDateTime>,
+    #[diesel(sql_type = BigInt)]
+    starts: i64,
+}
+
+/// Every task, with how many `playbook_start` events it has (ansible runs it had), by plain SQL.
+fn rows(view: &DbView) -> Vec<Row> {
+    view.read(|c| {
+        Ok(diesel::sql_query(
+            "SELECT t.id, t.status, t.agent, t.created_at, t.started_at, \
+             (SELECT count(*) FROM task_events e WHERE e.task_id = t.id AND e.kind = 'playbook_start') AS starts \
+             FROM tasks t ORDER BY t.id",
+        )
+        .load(c)?)
+    })
+}
+
+#[derive(QueryableByName, Debug)]
+struct Running {
+    #[diesel(sql_type = Nullable<Text>)]
+    agent: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    forks: i64,
+}
+
+/// Three agents on one PostgreSQL, two forks each. A `parallel_run` through a busy agent is run by
+/// another and answered; check and getlog answer the same through any agent; then 30 tasks sent
+/// round-robin run to their end, never more at once than each agent's budget, each claimed and
+/// run exactly once (its run directory under one agent only, one playbook_start).
+#[test]
+fn three_agents_on_one_postgres_act_as_one_queue() {
+    let dir = TempDir::new();
+    let db = TestDb::new(Backend::Postgres, &dir.0);
+    let view = DbView::open(&db.url);
+    let agent = |n: usize| {
+        let mut s = test_settings(&dir.0.join(format!("agent-{n}")));
+        std::fs::create_dir_all(&s.run_dir).unwrap();
+        s.database_url = db.url.clone();
+        s.shared_queue = true;
+        s.max_forks = 2;
+        s
+    };
+    let settings: Vec<_> = (0..3).map(agent).collect();
+    let first = BinServer::start(&settings[0], &dir.0);
+    // Agent 0 alone claims two long tasks: its forks are all in use.
+    let sleep = "- command: sleep 8\n";
+    let busy: Vec<i64> = (0..2)
+        .map(|i| {
+            let mut body = run_body(&format!("busy-{i}"), &[HOSTS[i]], sleep);
+            body["fork_num"] = json!(1);
+            run(&first, body)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows(&view).iter().filter(|r| r.status == 2).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "agent 0 did not start its two tasks"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let others: Vec<BinServer> = settings[1..]
+        .iter()
+        .map(|s| BinServer::start(s, &dir.0))
+        .collect();
+    let names: Vec<&str> = settings.iter().map(|s| s.agent_name.as_str()).collect();
+
+    // parallel_run through agent 0, which has no free fork: another agent runs it.
+    let mut body = run_body("through-0", &[HOSTS[2]], "- ping:\n");
+    body["fork_num"] = json!(1);
+    let (status, text) = first.post("/api/parallel_run", &body.to_string());
+    assert_eq!(status, 200, "{text}");
+    let lines: Vec<String> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].ends_with(&format!("host = {}, reuslt = ok", HOSTS[2])),
+        "{text}"
+    );
+    let all = rows(&view);
+    let remote = all.iter().find(|r| !busy.contains(&r.id)).unwrap();
+    assert_eq!(remote.status, 4);
+    let ran_by = remote.agent.clone().unwrap();
+    assert!(ran_by == names[1] || ran_by == names[2], "{ran_by} ran it");
+    let claim = remote.started_at.unwrap() - remote.created_at;
+    figure(
+        "shared queue: insert on one agent to start on another (claim latency)",
+        format!("{} ms", claim.num_milliseconds()),
+    );
+    // check and getlog through the agent that did not run it.
+    let check = post(
+        &first,
+        "/api/check",
+        &json!({"id": remote.id, "name": "through-0"}),
+    );
+    assert_eq!(check["content"]["status"], json!(4), "{check}");
+    assert_eq!(check["content"]["agent"], json!(ran_by));
+    let pending_or_running = post(
+        &first,
+        "/api/check",
+        &json!({"id": busy[0], "name": "busy-0"}),
+    );
+    assert_eq!(pending_or_running["content"]["agent"], json!(names[0]));
+    for server in std::iter::once(&first).chain(&others) {
+        let (status, log) = server.post(
+            "/api/getlog",
+            &json!({"host": HOSTS[2], "source": "orion"}).to_string(),
+        );
+        assert_eq!(status, 200);
+        let log: Vec<String> = serde_json::from_str(&log).unwrap();
+        assert_eq!(log, lines, "getlog answers the same through every agent");
+    }
+
+    // 30 tasks, round-robin over the agents.
+    let servers: Vec<&BinServer> = std::iter::once(&first).chain(&others).collect();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let mut body = run_body(&format!("rr-{i}"), &[HOSTS[i % 3]], "- command: sleep 1\n");
+        body["fork_num"] = json!(1);
+        ids.push(run(servers[i % 3], body));
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut peak: BTreeMap<String, i64> = BTreeMap::new();
+    loop {
+        let running: Vec<Running> = view.read(|c| {
+            Ok(diesel::sql_query(
+                "SELECT agent, SUM(forks)::bigint AS forks FROM tasks WHERE status = 2 GROUP BY agent",
+            )
+            .load(c)?)
+        });
+        for r in running {
+            let agent = r.agent.unwrap_or_else(|| "(none)".into());
+            assert!(r.forks <= 2, "{agent} runs {} forks at once", r.forks);
+            let p = peak.entry(agent).or_default();
+            *p = (*p).max(r.forks);
+        }
+        let all = rows(&view);
+        if all
+            .iter()
+            .filter(|r| ids.contains(&r.id))
+            .all(|r| r.status >= 3)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the 30 tasks did not end in time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let all = rows(&view);
+    let mut per_agent: BTreeMap<String, usize> = BTreeMap::new();
+    for r in all.iter().filter(|r| ids.contains(&r.id)) {
+        assert_eq!(r.status, 4, "task {} ended {}", r.id, r.status);
+        assert_eq!(r.starts, 1, "task {} ran {} times", r.id, r.starts);
+        let owner = r.agent.clone().unwrap();
+        // Its run directory is under its agent's run root only.
+        let under: Vec<&str> = settings
+            .iter()
+            .filter(|s| {
+                s.run_dir
+                    .join(&s.agent_name)
+                    .join(r.id.to_string())
+                    .exists()
+            })
+            .map(|s| s.agent_name.as_str())
+            .collect();
+        assert_eq!(under, [owner.as_str()], "task {}", r.id);
+        *per_agent.entry(owner).or_default() += 1;
+    }
+    assert_eq!(per_agent.len(), 3, "every agent ran some: {per_agent:?}");
+    figure("shared queue: 30 tasks per agent", format!("{per_agent:?}"));
+    figure("shared queue: peak forks per agent", format!("{peak:?}"));
+    // The two long tasks end too, run by agent 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = rows(&view);
+        let long: Vec<&Row> = all.iter().filter(|r| busy.contains(&r.id)).collect();
+        if long.iter().all(|r| r.status == 4) {
+            assert!(long.iter().all(|r| r.agent.as_deref() == Some(names[0])));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{long:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
