@@ -19,6 +19,8 @@ use crate::store::{StoreError, Task};
 
 /// The channel of the wake-ups.
 pub const CHANNEL: &str = "downlink_queue";
+/// The channel of stops asked through an agent that does not run the task.
+pub const STOP_CHANNEL: &str = "downlink_stop";
 /// The advisory lock every claim takes (`"dlqu"`).
 const CLAIM_LOCK: i64 = 0x646c_7175;
 
@@ -116,4 +118,52 @@ pub fn ahead_of(conn: &mut DbConnection, id: i64) -> Result<i64, StoreError> {
         .filter(tasks::id.lt(id))
         .count()
         .get_result(conn)?)
+}
+
+/// Takes an unclaimed pending task out of the shared queue for ending it here (a stop): under the
+/// claim lock, so nobody claims it meanwhile. False if it was claimed (or ended) first.
+pub fn take_for_stop(conn: &mut DbConnection, id: i64, agent: &str) -> Result<bool, StoreError> {
+    conn.transaction(|c| {
+        diesel::sql_query(format!("SELECT pg_advisory_xact_lock({CLAIM_LOCK})")).execute(c)?;
+        let taken = diesel::update(
+            tasks::table
+                .find(id)
+                .filter(tasks::status.eq(crate::status::Status::Pending.code()))
+                .filter(tasks::agent.is_null()),
+        )
+        .set(tasks::agent.eq(agent))
+        .execute(c)?;
+        Ok(taken == 1)
+    })
+}
+
+/// Records a stop for the agent that runs (or claimed) the task and wakes it; that agent's name,
+/// or `None` if the task is unclaimed or has ended.
+pub fn request_stop(conn: &mut DbConnection, id: i64) -> Result<Option<String>, StoreError> {
+    conn.transaction(|c| {
+        let owner: Option<Option<String>> = diesel::update(
+            tasks::table
+                .find(id)
+                .filter(tasks::status.eq_any([1, 2]))
+                .filter(tasks::agent.is_not_null()),
+        )
+        .set(tasks::stop_requested_at.eq(crate::time::now()))
+        .returning(tasks::agent)
+        .get_result(c)
+        .optional()?;
+        if owner.is_some() {
+            diesel::sql_query(format!("NOTIFY {STOP_CHANNEL}")).execute(c)?;
+        }
+        Ok(owner.flatten())
+    })
+}
+
+/// This agent's live tasks that a stop was asked for elsewhere.
+pub fn stops_for(conn: &mut DbConnection, agent: &str) -> Result<Vec<i64>, StoreError> {
+    Ok(tasks::table
+        .filter(tasks::agent.eq(agent))
+        .filter(tasks::status.eq_any([1, 2]))
+        .filter(tasks::stop_requested_at.is_not_null())
+        .select(tasks::id)
+        .load(conn)?)
 }

@@ -151,39 +151,44 @@ impl Readers {
         result
     }
 
-    /// Listens on `channel` on a connection of its own, calling `on_notify` for each notification,
-    /// until the future is dropped; a lost connection is opened again after a second (and logged).
-    pub async fn listen(self, channel: &'static str, on_notify: impl Fn(), log: slog::Logger) {
+    /// Listens on `channels` on a connection of its own, calling `on_notify` with the channel of
+    /// each notification (and with every channel once it listens again, for what it missed), until
+    /// the future is dropped; a lost connection is opened again after a second (and logged).
+    pub async fn listen(
+        self,
+        channels: &'static [&'static str],
+        on_notify: impl Fn(&str),
+        log: slog::Logger,
+    ) {
         let mut lost = false;
         loop {
             match self.config.connect(self.tls.clone()).await {
                 Ok((client, mut connection)) => {
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
                     // Drives the connection: the LISTEN's answer and every notification.
                     let driver = actix_web::rt::spawn(async move {
                         loop {
                             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                    let _ = tx.send(());
+                                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                    let _ = tx.send(n.channel().to_owned());
                                 }
                                 Some(Ok(_)) => {}
                                 Some(Err(_)) | None => return,
                             }
                         }
                     });
-                    if client
-                        .batch_execute(&format!("LISTEN {channel}"))
-                        .await
-                        .is_ok()
-                    {
+                    let listen: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+                    if client.batch_execute(&listen).await.is_ok() {
                         if lost {
                             slog::info!(log, "listening for the shared queue's wake-ups again");
                         }
                         lost = false;
-                        // Anything stored while not listening.
-                        on_notify();
-                        while rx.recv().await.is_some() {
-                            on_notify();
+                        // Anything sent while not listening.
+                        for channel in channels {
+                            on_notify(channel);
+                        }
+                        while let Some(channel) = rx.recv().await {
+                            on_notify(&channel);
                         }
                     }
                     driver.abort();

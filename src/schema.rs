@@ -37,6 +37,7 @@ diesel::table! {
         cpu_usec -> Nullable<BigInt>,
         memory_peak_bytes -> Nullable<BigInt>,
         purged_at -> Nullable<Timestamp>,
+        stop_requested_at -> Nullable<Timestamp>,
     }
 }
 

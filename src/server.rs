@@ -286,8 +286,14 @@ pub async fn run(
             let (readers, to) = (readers.clone(), supervisor.clone());
             let llog = log.new(slog::o!("part" => "shared-queue"));
             Some(actix_web::rt::spawn(readers.listen(
-                crate::claim::CHANNEL,
-                move || to.do_send(crate::supervisor::Claim),
+                &[crate::claim::CHANNEL, crate::claim::STOP_CHANNEL],
+                move |channel| {
+                    if channel == crate::claim::STOP_CHANNEL {
+                        to.do_send(crate::supervisor::CheckStops);
+                    } else {
+                        to.do_send(crate::supervisor::Claim);
+                    }
+                },
                 llog,
             )))
         }

@@ -241,6 +241,37 @@ impl TaskSupervisor {
         }));
     }
 
+    /// Shared queue: stops asked through other agents for this agent's tasks are applied here,
+    /// as a local `/api/stop` would (read on a NOTIFY, at every heartbeat, and after a restart).
+    fn check_stops(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let pool = shared.pool.clone();
+        let me = self.settings.agent_name.clone();
+        let job = async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                crate::claim::stops_for(&mut conn, &me)
+            })
+            .await
+            .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
+        };
+        ctx.spawn(job.into_actor(self).map(|asked, act, ctx| {
+            for id in asked.unwrap_or_default() {
+                let here = act.running.contains_key(&id) || act.queue.iter().any(|t| t.id == id);
+                if here {
+                    info!(act.log, "stopping a task as asked through another agent"; "task_id" => id);
+                    ctx.address().do_send(EndTask {
+                        id,
+                        name: None,
+                        reason: EndReason::Stop,
+                    });
+                }
+            }
+        }));
+    }
+
     /// A claimed task whose row cannot be read as a task: it ends failed, saying why.
     fn unreadable(&mut self, task: &crate::store::Task, why: String, ctx: &mut Context<Self>) {
         let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
@@ -402,6 +433,8 @@ impl Actor for TaskSupervisor {
         if self.shared.is_some() {
             // The fallback for a lost NOTIFY.
             ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| act.claim(ctx));
+            let beat = std::time::Duration::from_secs(self.settings.heartbeat_secs.max(1));
+            ctx.run_interval(beat, |act, ctx| act.check_stops(ctx));
         }
     }
 }
@@ -589,6 +622,18 @@ impl Handler<Claim> for TaskSupervisor {
     type Result = ();
     fn handle(&mut self, _: Claim, ctx: &mut Context<Self>) {
         self.claim(ctx);
+    }
+}
+
+/// Apply the stops asked elsewhere for this agent's tasks now (a `NOTIFY downlink_stop`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CheckStops;
+
+impl Handler<CheckStops> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, _: CheckStops, ctx: &mut Context<Self>) {
+        self.check_stops(ctx);
     }
 }
 

@@ -15,7 +15,7 @@ use slog::info;
 
 use super::check::find;
 use super::fields::id_and_name;
-use super::{success, ApiError, ApiRequest, AppState};
+use super::{read_store, success, ApiError, ApiRequest, AppState};
 use crate::status::Status;
 use crate::supervisor::{EndOutcome, EndReason, EndTask};
 
@@ -55,6 +55,10 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
                 return Ok(success(json!({})));
             }
             EndOutcome::Failed(_) => return Err(ApiError::DbUnavailable),
+            // In the shared queue, or run by another agent.
+            EndOutcome::NotLive if state.settings.shared_queue && !unchecked => {
+                return stop_elsewhere(&state, &log, id, &name).await;
+            }
             // Not known here, and the database cannot say whether it exists.
             EndOutcome::NotLive if unchecked => return Err(ApiError::DbUnavailable),
             EndOutcome::NotLive if tokio::time::Instant::now() < deadline => {
@@ -66,5 +70,93 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
                 ))
             }
         }
+    }
+}
+
+/// How often a stop through another agent reads whether its task has ended.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Shared queue, a task this agent does not hold: an unclaimed one is taken out of the queue and
+/// ended here; a claimed or running one gets a stop request in its row, which its agent applies
+/// (woken by `NOTIFY downlink_stop`, else at its next heartbeat). Answers once the end is recorded,
+/// or says in one sentence that the agent running it is lost (the request stays recorded and is
+/// applied when it starts again).
+async fn stop_elsewhere(
+    state: &AppState,
+    log: &slog::Logger,
+    id: i64,
+    name: &str,
+) -> Result<HttpResponse, ApiError> {
+    let me = state.settings.agent_name.clone();
+    let taken = read_store(state, log, move |c| crate::claim::take_for_stop(c, id, &me)).await?;
+    if taken {
+        let (task, _) = find(state, log, id, name.to_owned()).await?;
+        let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
+        let fin = crate::store::Finish {
+            id,
+            status: Status::Stopped,
+            err: Some(crate::supervisor::stop_err()),
+            exit_code: None,
+            ended_at: crate::time::now(),
+            hosts: crate::ansible::events::Hosts::new(&nodes)
+                .finish(crate::ansible::events::Ending::Stopped),
+            usage: Default::default(),
+        };
+        let written = state
+            .persistence
+            .send(crate::persistence::FinishTask(fin))
+            .await;
+        return match written {
+            Ok(Ok(_)) => {
+                info!(log, "pending task taken out of the shared queue and stopped"; "task_id" => id);
+                Ok(success(json!({})))
+            }
+            _ => Err(ApiError::DbUnavailable),
+        };
+    }
+    let owner = read_store(state, log, move |c| crate::claim::request_stop(c, id)).await?;
+    let Some(owner) = owner else {
+        // Ended meanwhile (or not claimed yet: the caller asks again).
+        let (task, _) = find(state, log, id, name.to_owned()).await?;
+        if Status::from_code(task.status).is_none_or(Status::is_terminal) {
+            return Ok(success(json!({})));
+        }
+        return Err(ApiError::Other(
+            "task is being claimed by an agent; retry the stop".into(),
+        ));
+    };
+    info!(log, "stop asked of the agent that runs the task"; "task_id" => id, "agent" => &owner);
+    let s = &state.settings;
+    let wait = Duration::from_secs(s.stop_grace_secs + s.remote_cleanup_secs + 30);
+    let lease =
+        Duration::from_secs(s.heartbeat_secs.max(1) * crate::agents::LEASE_HEARTBEATS as u64);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (task, _) = find(state, log, id, name.to_owned()).await?;
+        if Status::from_code(task.status).is_none_or(Status::is_terminal) {
+            info!(log, "task stopped by the agent that runs it"; "task_id" => id, "agent" => &owner);
+            return Ok(success(json!({})));
+        }
+        let agent = owner.clone();
+        let silent = read_store(state, log, move |c| {
+            Ok(crate::agents::list(c)?
+                .into_iter()
+                .find(|a| a.name == agent)
+                .map(|a| a.silent_ms))
+        })
+        .await?;
+        if let Some(ms) = silent.filter(|ms| *ms > lease.as_millis() as i64) {
+            return Err(ApiError::Other(format!(
+                "task {id} runs on agent {owner}, which has not been heard from for {} s: the stop is recorded and is applied when that agent starts again",
+                ms / 1000
+            )));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::Other(format!(
+                "the stop is recorded, but agent {owner} has not ended task {id} in {} s",
+                wait.as_secs()
+            )));
+        }
+        tokio::time::sleep(POLL).await;
     }
 }

@@ -207,6 +207,105 @@ fn three_agents_on_one_postgres_act_as_one_queue() {
     assert_eq!(per_agent.len(), 3, "every agent ran some: {per_agent:?}");
     figure("shared queue: 30 tasks per agent", format!("{per_agent:?}"));
     figure("shared queue: peak forks per agent", format!("{peak:?}"));
+    // Stops through an agent that does not hold the task: six long tasks fill every agent's
+    // forks, a seventh waits in the shared queue.
+    let hold = |i: usize| format!("- command: sleep 66{i}0\n");
+    let mut holds = Vec::new();
+    for i in 0..6 {
+        let mut body = run_body(&format!("hold-{i}"), &[HOSTS[i % 3]], &hold(i));
+        body["fork_num"] = json!(1);
+        holds.push(run(servers[i % 3], body));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows(&view)
+        .iter()
+        .filter(|r| holds.contains(&r.id) && r.status == 2)
+        .count()
+        < 6
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the six long tasks did not all start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut body = run_body("queued", &[HOSTS[0]], "- ping:\n");
+    body["fork_num"] = json!(1);
+    let queued = run(servers[0], body);
+    let check = post(
+        servers[1],
+        "/api/check",
+        &json!({"id": queued, "name": "queued"}),
+    );
+    assert_eq!(check["content"]["status"], json!(1), "{check}");
+    assert_eq!(check["content"]["queue_position"], json!(1), "{check}");
+    assert_eq!(check["content"]["agent"], Value::Null);
+    let stopped = post(
+        servers[2],
+        "/api/stop",
+        &json!({"id": queued, "name": "queued"}),
+    );
+    assert_eq!(stopped, json!({"code": 0, "content": {}}));
+    let row = rows(&view).into_iter().find(|r| r.id == queued).unwrap();
+    assert_eq!(
+        (row.status, row.starts),
+        (5, 0),
+        "stopped while queued, never run"
+    );
+    assert!(settings.iter().all(|s| !s
+        .run_dir
+        .join(&s.agent_name)
+        .join(queued.to_string())
+        .exists()));
+    let mut stop_ms = Vec::new();
+    for (i, id) in holds.iter().enumerate() {
+        let row = rows(&view).into_iter().find(|r| r.id == *id).unwrap();
+        let owner = names
+            .iter()
+            .position(|n| Some(*n) == row.agent.as_deref())
+            .unwrap();
+        let through = (owner + 1) % 3;
+        let run_dir = settings[owner]
+            .run_dir
+            .join(names[owner])
+            .join(id.to_string());
+        let token = format!("sleep 66{i}0");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while crate::procwatch::with_token(&token).is_empty() {
+            assert!(Instant::now() < deadline, "{token} never ran on its node");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let t = Instant::now();
+        let answer = post(
+            servers[through],
+            "/api/stop",
+            &json!({"id": id, "name": format!("hold-{i}")}),
+        );
+        stop_ms.push(t.elapsed().as_millis());
+        assert_eq!(
+            answer,
+            json!({"code": 0, "content": {}}),
+            "stop through agent {through}"
+        );
+        let row = rows(&view).into_iter().find(|r| r.id == *id).unwrap();
+        assert_eq!(row.status, 5);
+        assert_eq!(
+            crate::procwatch::of_task(&run_dir),
+            Vec::new(),
+            "local processes of {id}"
+        );
+        assert_eq!(
+            crate::procwatch::with_token(&token),
+            Vec::new(),
+            "{token} on the node"
+        );
+    }
+    stop_ms.sort_unstable();
+    figure(
+        "shared queue: stop through another agent (answer once recorded; 6 stops)",
+        format!("median {} ms, max {} ms", stop_ms[3], stop_ms[5]),
+    );
+
     // The two long tasks end too, run by agent 0.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -1,0 +1,2 @@
+-- A stop asked through an agent that does not run the task (shared_queue): the owner applies it.
+ALTER TABLE tasks ADD COLUMN stop_requested_at TIMESTAMP;
