@@ -167,3 +167,75 @@ pub fn stops_for(conn: &mut DbConnection, agent: &str) -> Result<Vec<i64>, Store
         .select(tasks::id)
         .load(conn)?)
 }
+
+#[derive(QueryableByName)]
+struct LostAgent {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamp)]
+    heartbeat_at: chrono::NaiveDateTime,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    past_grace: bool,
+}
+
+/// The start of the note a lost agent's live tasks get in `err`.
+const LOST_NOTE: &str = "agent ";
+const LOST_NOTE_MID: &str = " has not been heard from since ";
+
+/// Agents whose lease ran out (no heartbeat for `lease`): their live tasks get a note in `err`
+/// (they may still be running there, and an agent restarted on that machine adopts them); past
+/// `lease + grace`, the tasks to end as interrupted, each with its `err`.
+pub fn lost_agents(
+    conn: &mut DbConnection,
+    me: &str,
+    lease: std::time::Duration,
+    grace: std::time::Duration,
+) -> Result<Vec<(Task, String)>, StoreError> {
+    let lost: Vec<LostAgent> = diesel::sql_query(
+        "SELECT name, heartbeat_at,          heartbeat_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $3) AS past_grace          FROM agents WHERE name <> $1          AND heartbeat_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $2)",
+    )
+    .bind::<diesel::sql_types::Text, _>(me)
+    .bind::<diesel::sql_types::Double, _>(lease.as_secs_f64())
+    .bind::<diesel::sql_types::Double, _>((lease + grace).as_secs_f64())
+    .load(conn)?;
+    let mut to_end = Vec::new();
+    for agent in lost {
+        let since = crate::time::rfc3339(agent.heartbeat_at);
+        let live = tasks::table
+            .filter(tasks::agent.eq(&agent.name))
+            .filter(tasks::status.eq_any([1, 2]));
+        if agent.past_grace {
+            let err = format!(
+                "agent {} was lost: no heartbeat since {since}, {} s ago or more; the true end of this task is unknown (it may have gone on running there)",
+                agent.name,
+                (lease + grace).as_secs()
+            );
+            for task in live.select(Task::as_select()).load(conn)? {
+                to_end.push((task, err.clone()));
+            }
+        } else {
+            let note = format!(
+                "{LOST_NOTE}{}{LOST_NOTE_MID}{since}; the task may still be running there: it is adopted if that agent starts again within lost_agent_grace_secs ({} s), else it ends interrupted",
+                agent.name,
+                grace.as_secs()
+            );
+            diesel::update(live.filter(tasks::err.is_null()))
+                .set(tasks::err.eq(note))
+                .execute(conn)?;
+        }
+    }
+    Ok(to_end)
+}
+
+/// At start: the notes a loss left on this agent's live tasks are taken back (it is here again).
+pub fn back(conn: &mut DbConnection, me: &str) -> Result<usize, StoreError> {
+    let note = format!("{LOST_NOTE}{me}{LOST_NOTE_MID}%");
+    Ok(diesel::update(
+        tasks::table
+            .filter(tasks::agent.eq(me))
+            .filter(tasks::status.eq_any([1, 2]))
+            .filter(tasks::err.like(note)),
+    )
+    .set(tasks::err.eq(None::<String>))
+    .execute(conn)?)
+}

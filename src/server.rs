@@ -133,6 +133,13 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let identity =
         crate::agents::Identity::of_this_process(&settings.agent_name, settings.max_forks);
     crate::agents::register(&mut conn, &identity).context("recording this agent in agents")?;
+    if settings.shared_queue {
+        let taken_back = crate::claim::back(&mut conn, &settings.agent_name)
+            .context("taking back the notes of this agent's loss")?;
+        if taken_back > 0 {
+            info!(log, "back after being lost: its running tasks' notes taken back"; "tasks" => taken_back);
+        }
+    }
     if !procs::become_subreaper() {
         warn!(
             log,

@@ -84,6 +84,8 @@ pub struct Settings {
     pub shared_queue: bool,
     /// With `shared_queue`: most forks in use over all agents (0: only each agent's `max_forks`).
     pub cluster_max_forks: u32,
+    /// With `shared_queue`: how long a lost agent's running tasks wait for it before they end 7.
+    pub lost_agent_grace_secs: u64,
     pub db_retry_secs: u64,
     pub db_statement_timeout_secs: u64,
     pub reconcile_secs: u64,

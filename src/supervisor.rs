@@ -272,6 +272,49 @@ impl TaskSupervisor {
         }));
     }
 
+    /// Shared queue: other agents whose lease ran out get a note on their live tasks; past
+    /// `lost_agent_grace_secs` those tasks end interrupted (written here, as any end).
+    fn reap_lost(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let pool = shared.pool.clone();
+        let me = self.settings.agent_name.clone();
+        let beat = std::time::Duration::from_secs(self.settings.heartbeat_secs.max(1));
+        let lease = beat * crate::agents::LEASE_HEARTBEATS;
+        let grace = std::time::Duration::from_secs(self.settings.lost_agent_grace_secs);
+        let job = async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                crate::claim::lost_agents(&mut conn, &me, lease, grace)
+            })
+            .await
+            .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
+        };
+        ctx.spawn(job.into_actor(self).map(|found, act, _| {
+            let to_end = match found {
+                Ok(to_end) => to_end,
+                Err(e) => {
+                    warn!(act.log, "cannot look for lost agents"; "error" => %e);
+                    return;
+                }
+            };
+            for (task, err) in to_end {
+                warn!(act.log, "ending a task of a lost agent"; "task_id" => task.id, "agent" => task.agent.clone());
+                let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
+                act.persistence.do_send(FinishTask(Finish {
+                    id: task.id,
+                    status: Status::Interrupted,
+                    err: Some(err),
+                    exit_code: None,
+                    ended_at: time::now(),
+                    hosts: Hosts::new(&nodes).finish(Ending::Interrupted),
+                    usage: Default::default(),
+                }));
+            }
+        }));
+    }
+
     /// A claimed task whose row cannot be read as a task: it ends failed, saying why.
     fn unreadable(&mut self, task: &crate::store::Task, why: String, ctx: &mut Context<Self>) {
         let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
@@ -434,7 +477,10 @@ impl Actor for TaskSupervisor {
             // The fallback for a lost NOTIFY.
             ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| act.claim(ctx));
             let beat = std::time::Duration::from_secs(self.settings.heartbeat_secs.max(1));
-            ctx.run_interval(beat, |act, ctx| act.check_stops(ctx));
+            ctx.run_interval(beat, |act, ctx| {
+                act.check_stops(ctx);
+                act.reap_lost(ctx);
+            });
         }
     }
 }

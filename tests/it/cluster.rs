@@ -11,6 +11,24 @@ use crate::harness::{
     figure, run_body, test_settings, Backend, BinServer, DbView, TempDir, TestDb, HOSTS,
 };
 
+/// A PostgreSQL database for agents, a directory for their run directories and logs.
+fn cluster_db() -> (TempDir, TestDb, DbView) {
+    let dir = TempDir::new();
+    let db = TestDb::new(Backend::Postgres, &dir.0);
+    let view = DbView::open(&db.url);
+    (dir, db, view)
+}
+
+/// Agent `n` of the shared queue on `db`, two forks, a run directory of its own.
+fn agent_settings(dir: &TempDir, db: &TestDb, n: usize) -> downlink::settings::Settings {
+    let mut s = test_settings(&dir.0.join(format!("agent-{n}")));
+    std::fs::create_dir_all(&s.run_dir).unwrap();
+    s.database_url = db.url.clone();
+    s.shared_queue = true;
+    s.max_forks = 2;
+    s
+}
+
 fn post(server: &BinServer, path: &str, body: &Value) -> Value {
     let (status, text) = server.post(path, &body.to_string());
     assert_eq!(status, 200, "{path}: {text}");
@@ -66,18 +84,8 @@ struct Running {
 /// run exactly once (its run directory under one agent only, one playbook_start).
 #[test]
 fn three_agents_on_one_postgres_act_as_one_queue() {
-    let dir = TempDir::new();
-    let db = TestDb::new(Backend::Postgres, &dir.0);
-    let view = DbView::open(&db.url);
-    let agent = |n: usize| {
-        let mut s = test_settings(&dir.0.join(format!("agent-{n}")));
-        std::fs::create_dir_all(&s.run_dir).unwrap();
-        s.database_url = db.url.clone();
-        s.shared_queue = true;
-        s.max_forks = 2;
-        s
-    };
-    let settings: Vec<_> = (0..3).map(agent).collect();
+    let (dir, db, view) = cluster_db();
+    let settings: Vec<_> = (0..3).map(|n| agent_settings(&dir, &db, n)).collect();
     let first = BinServer::start(&settings[0], &dir.0);
     // Agent 0 alone claims two long tasks: its forks are all in use.
     let sleep = "- command: sleep 8\n";
@@ -317,5 +325,128 @@ fn three_agents_on_one_postgres_act_as_one_queue() {
         }
         assert!(Instant::now() < deadline, "{long:?}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn row(view: &DbView, id: i64) -> downlink::store::Task {
+    view.task(id)
+}
+
+fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// kill -9 of an agent while it runs two tasks: another agent keeps serving and notes the loss on
+/// them; restarted within the grace, the agent adopts both (one then ends by itself, its true
+/// end); killed again and not restarted, its task ends 7 past the grace, saying which agent was
+/// lost and since when. No task runs twice.
+#[test]
+fn a_lost_agent_loses_nothing_and_nothing_runs_twice() {
+    let (dir, db, view) = cluster_db();
+    let agent = |n: usize| {
+        let mut s = agent_settings(&dir, &db, n);
+        s.heartbeat_secs = 1;
+        s.lost_agent_grace_secs = 8;
+        s
+    };
+    let (a_settings, b_settings) = (agent(0), agent(1));
+    let mut a = BinServer::start(&a_settings, &dir.0);
+    let body = |name: &str, host: &str, tasks: &str| {
+        let mut b = run_body(name, &[host], tasks);
+        b["fork_num"] = json!(1);
+        b
+    };
+    let short = run(&a, body("short", HOSTS[0], "- command: sleep 9\n"));
+    let long = run(&a, body("long", HOSTS[1], "- command: sleep 6620\n"));
+    wait_until("agent a runs both", 30, || {
+        [short, long].iter().all(|id| row(&view, *id).status == 2)
+            && !crate::procwatch::with_token("sleep 6620").is_empty()
+    });
+    let pid_before = row(&view, long).pid;
+    let b = BinServer::start(&b_settings, &dir.0);
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // The other agent goes on serving.
+    let other = run(&b, body("other", HOSTS[2], "- ping:\n"));
+    wait_until("agent b runs a new task", 60, || {
+        row(&view, other).status == 4
+    });
+    assert_eq!(
+        row(&view, other).agent.as_deref(),
+        Some(b_settings.agent_name.as_str())
+    );
+    // The loss is noted on a's tasks, which stay running.
+    wait_until("the loss noted", 20, || {
+        [short, long].iter().all(|id| {
+            let t = row(&view, *id);
+            t.status == 2
+                && t.err
+                    .as_deref()
+                    .is_some_and(|e| e.contains("has not been heard from since"))
+        })
+    });
+    // Back within the grace: it adopts both and takes the notes back.
+    let mut a = BinServer::start(&a_settings, &dir.0);
+    wait_until("the notes taken back", 20, || {
+        [short, long].iter().all(|id| row(&view, *id).err.is_none())
+    });
+    assert_eq!(
+        row(&view, long).pid,
+        pid_before,
+        "adopted, not started again"
+    );
+    wait_until("the short task's true end", 60, || {
+        row(&view, short).status == 4
+    });
+    // Killed again and not restarted: past lease + grace its task ends 7 through agent b.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while row(&view, long).status != 7 {
+        if Instant::now() > deadline {
+            let log: Vec<String> = b.log_lines().iter().map(|l| l.to_string()).collect();
+            panic!(
+                "the long task did not end 7 through agent b: {:?}\n{}",
+                row(&view, long),
+                log.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = row(&view, long);
+    let err = t.err.unwrap_or_default();
+    assert!(
+        err.starts_with(&format!(
+            "agent {} was lost: no heartbeat since ",
+            a_settings.agent_name
+        )),
+        "{err}"
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(8),
+        "ended before the grace"
+    );
+    for id in [short, long, other] {
+        let starts = rows(&view).into_iter().find(|r| r.id == id).unwrap().starts;
+        assert_eq!(starts, 1, "task {id} ran {starts} times");
+    }
+    // What the lost agent left running on this machine and its node: ended here by the test.
+    let run_dir = a_settings
+        .run_dir
+        .join(&a_settings.agent_name)
+        .join(long.to_string());
+    for p in crate::procwatch::of_task(&run_dir)
+        .into_iter()
+        .chain(crate::procwatch::with_token("sleep 6620"))
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
