@@ -93,6 +93,22 @@ impl Target {
 /// The URL with any password replaced by `***`: in the user information and in a `password`
 /// query parameter (libpq accepts both). A URL that does not parse is not shown at all.
 pub fn redact(url: &str) -> String {
+    // libpq's several hosts (`h1:5432,h2:5432`, for failover) are no authority the url crate
+    // reads: they stand aside while the rest is redacted.
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((user, hosts)) => (Some(user), hosts),
+            None => (None, authority),
+        };
+        if hosts.contains(',') {
+            const STAND_IN: &str = "several-hosts.invalid";
+            let user = user.map(|u| format!("{u}@")).unwrap_or_default();
+            let one = redact(&format!("{scheme}://{user}{STAND_IN}{tail}"));
+            return one.replacen(STAND_IN, hosts, 1);
+        }
+    }
     let Ok(mut parsed) = url::Url::parse(url) else {
         return "(a database URL that does not parse)".to_owned();
     };
@@ -312,6 +328,12 @@ mod tests {
             "postgresql://dl@h/db?sslmode=require&password=***"
         );
         assert!(!redact("postgres://dl:s3cret@h:notaport/db").contains("s3cret"));
+        // Several hosts (libpq failover).
+        assert_eq!(
+            redact("postgres://dl:s3cret@10.0.0.1:5432,10.0.0.2:5433/db?target_session_attrs=read-write&password=x"),
+            "postgres://dl:***@10.0.0.1:5432,10.0.0.2:5433/db?target_session_attrs=read-write&password=***"
+        );
+        assert_eq!(redact("postgres://a,b/db"), "postgres://a,b/db");
     }
 
     #[test]
