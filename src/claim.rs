@@ -139,7 +139,11 @@ pub fn take_for_stop(conn: &mut DbConnection, id: i64, agent: &str) -> Result<bo
 
 /// Records a stop for the agent that runs (or claimed) the task and wakes it; that agent's name,
 /// or `None` if the task is unclaimed or has ended.
-pub fn request_stop(conn: &mut DbConnection, id: i64) -> Result<Option<String>, StoreError> {
+pub fn request_stop(
+    conn: &mut DbConnection,
+    id: i64,
+    reason: &str,
+) -> Result<Option<String>, StoreError> {
     conn.transaction(|c| {
         let owner: Option<Option<String>> = diesel::update(
             tasks::table
@@ -147,7 +151,10 @@ pub fn request_stop(conn: &mut DbConnection, id: i64) -> Result<Option<String>, 
                 .filter(tasks::status.eq_any([1, 2]))
                 .filter(tasks::agent.is_not_null()),
         )
-        .set(tasks::stop_requested_at.eq(crate::time::now()))
+        .set((
+            tasks::stop_requested_at.eq(crate::time::now()),
+            tasks::stop_reason.eq(reason),
+        ))
         .returning(tasks::agent)
         .get_result(c)
         .optional()?;
@@ -158,13 +165,16 @@ pub fn request_stop(conn: &mut DbConnection, id: i64) -> Result<Option<String>, 
     })
 }
 
-/// This agent's live tasks that a stop was asked for elsewhere.
-pub fn stops_for(conn: &mut DbConnection, agent: &str) -> Result<Vec<i64>, StoreError> {
+/// This agent's live tasks that a stop was asked for elsewhere, with the stop's reason.
+pub fn stops_for(
+    conn: &mut DbConnection,
+    agent: &str,
+) -> Result<Vec<(i64, Option<String>)>, StoreError> {
     Ok(tasks::table
         .filter(tasks::agent.eq(agent))
         .filter(tasks::status.eq_any([1, 2]))
         .filter(tasks::stop_requested_at.is_not_null())
-        .select(tasks::id)
+        .select((tasks::id, tasks::stop_reason))
         .load(conn)?)
 }
 

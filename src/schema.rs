@@ -38,6 +38,7 @@ diesel::table! {
         memory_peak_bytes -> Nullable<BigInt>,
         purged_at -> Nullable<Timestamp>,
         stop_requested_at -> Nullable<Timestamp>,
+        stop_reason -> Nullable<Text>,
     }
 }
 

@@ -258,14 +258,15 @@ impl TaskSupervisor {
             .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
         };
         ctx.spawn(job.into_actor(self).map(|asked, act, ctx| {
-            for id in asked.unwrap_or_default() {
+            for (id, reason) in asked.unwrap_or_default() {
                 let here = act.running.contains_key(&id) || act.queue.iter().any(|t| t.id == id);
                 if here {
-                    info!(act.log, "stopping a task as asked through another agent"; "task_id" => id);
+                    let reason = EndReason::parse(reason.as_deref());
+                    info!(act.log, "ending a task as asked through another agent"; "task_id" => id, "reason" => reason.as_str());
                     ctx.address().do_send(EndTask {
                         id,
                         name: None,
-                        reason: EndReason::Stop,
+                        reason,
                     });
                 }
             }
@@ -557,6 +558,36 @@ pub enum EndReason {
     Timeout,
 }
 
+impl EndReason {
+    /// How it is stored in `tasks.stop_reason` (a stop asked through another agent).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Stop => "stop",
+            EndReason::Timeout => "timeout",
+        }
+    }
+
+    /// The reason stored as `as_str` says; anything else is a stop.
+    pub fn parse(s: Option<&str>) -> EndReason {
+        match s {
+            Some("timeout") => EndReason::Timeout,
+            _ => EndReason::Stop,
+        }
+    }
+
+    /// The status, ending and `err` of a task ended so.
+    pub fn outcome(self, settings: &Settings) -> (Status, Ending, String) {
+        match self {
+            EndReason::Stop => (Status::Stopped, Ending::Stopped, stop_err()),
+            EndReason::Timeout => (
+                Status::Timeout,
+                Ending::Timeout,
+                timeout_err(settings.parallel_run_timeout_secs),
+            ),
+        }
+    }
+}
+
 /// What became of a request to end a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndOutcome {
@@ -581,14 +612,7 @@ pub struct EndTask {
 impl Handler<EndTask> for TaskSupervisor {
     type Result = ResponseFuture<EndOutcome>;
     fn handle(&mut self, msg: EndTask, ctx: &mut Context<Self>) -> Self::Result {
-        let (status, ending, err) = match msg.reason {
-            EndReason::Stop => (Status::Stopped, Ending::Stopped, stop_err()),
-            EndReason::Timeout => (
-                Status::Timeout,
-                Ending::Timeout,
-                timeout_err(self.settings.parallel_run_timeout_secs),
-            ),
-        };
+        let (status, ending, err) = msg.reason.outcome(&self.settings);
         let named = |spec_name: &str| msg.name.as_deref().is_none_or(|n| n == spec_name);
         if self.queue.iter().any(|t| t.id == msg.id && !named(&t.name))
             || self.running.get(&msg.id).is_some_and(|r| !named(&r.name))

@@ -48,6 +48,7 @@ const POLL: Duration = Duration::from_millis(250);
 pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpResponse, ApiError> {
     let ApiRequest { caller, body, log } = req;
     let run = RunRequest::from_json(&body, &state.settings)?;
+    let name = run.name.clone();
     let (id, ended) = submit(&state, &log, &caller, run, true).await?;
     let timeout = Duration::from_secs(state.settings.parallel_run_timeout_secs);
     let mut closing = state.closing.clone();
@@ -73,8 +74,13 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
             })
             .await
             .map_err(|_| ApiError::Other("the task supervisor is not running".into()))?;
-        if let EndOutcome::Failed(_) = outcome {
-            return Err(ApiError::DbUnavailable);
+        match outcome {
+            EndOutcome::Failed(_) => return Err(ApiError::DbUnavailable),
+            // Run by another agent (shared queue): it kills it, asked through the task's row.
+            EndOutcome::NotLive if state.settings.shared_queue => {
+                super::stop::end_elsewhere(&state, &log, id, &name, EndReason::Timeout).await?;
+            }
+            _ => {}
         }
     }
     let rows = read_either(

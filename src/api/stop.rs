@@ -57,7 +57,8 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
             EndOutcome::Failed(_) => return Err(ApiError::DbUnavailable),
             // In the shared queue, or run by another agent.
             EndOutcome::NotLive if state.settings.shared_queue && !unchecked => {
-                return stop_elsewhere(&state, &log, id, &name).await;
+                end_elsewhere(&state, &log, id, &name, EndReason::Stop).await?;
+                return Ok(success(json!({})));
             }
             // Not known here, and the database cannot say whether it exists.
             EndOutcome::NotLive if unchecked => return Err(ApiError::DbUnavailable),
@@ -76,30 +77,31 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
 /// How often a stop through another agent reads whether its task has ended.
 const POLL: Duration = Duration::from_millis(100);
 
-/// Shared queue, a task this agent does not hold: an unclaimed one is taken out of the queue and
-/// ended here; a claimed or running one gets a stop request in its row, which its agent applies
-/// (woken by `NOTIFY downlink_stop`, else at its next heartbeat). Answers once the end is recorded,
-/// or says in one sentence that the agent running it is lost (the request stays recorded and is
-/// applied when it starts again).
-async fn stop_elsewhere(
+/// Shared queue, a task this agent does not hold (a stop, or a `parallel_run` deadline): an
+/// unclaimed one is taken out of the queue and ended here; a claimed or running one gets a stop
+/// request in its row, which its agent applies (woken by `NOTIFY downlink_stop`, else at its next
+/// heartbeat). Answers once the end is recorded, or says in one sentence that the agent running it
+/// is lost (the request stays recorded and is applied when it starts again).
+pub async fn end_elsewhere(
     state: &AppState,
     log: &slog::Logger,
     id: i64,
     name: &str,
-) -> Result<HttpResponse, ApiError> {
+    reason: EndReason,
+) -> Result<(), ApiError> {
     let me = state.settings.agent_name.clone();
     let taken = read_store(state, log, move |c| crate::claim::take_for_stop(c, id, &me)).await?;
     if taken {
         let (task, _) = find(state, log, id, name.to_owned()).await?;
         let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
+        let (status, ending, err) = reason.outcome(&state.settings);
         let fin = crate::store::Finish {
             id,
-            status: Status::Stopped,
-            err: Some(crate::supervisor::stop_err()),
+            status,
+            err: Some(err),
             exit_code: None,
             ended_at: crate::time::now(),
-            hosts: crate::ansible::events::Hosts::new(&nodes)
-                .finish(crate::ansible::events::Ending::Stopped),
+            hosts: crate::ansible::events::Hosts::new(&nodes).finish(ending),
             usage: Default::default(),
         };
         let written = state
@@ -108,18 +110,19 @@ async fn stop_elsewhere(
             .await;
         return match written {
             Ok(Ok(_)) => {
-                info!(log, "pending task taken out of the shared queue and stopped"; "task_id" => id);
-                Ok(success(json!({})))
+                info!(log, "pending task taken out of the shared queue and ended"; "task_id" => id, "reason" => reason.as_str());
+                Ok(())
             }
             _ => Err(ApiError::DbUnavailable),
         };
     }
-    let owner = read_store(state, log, move |c| crate::claim::request_stop(c, id)).await?;
+    let why = reason.as_str();
+    let owner = read_store(state, log, move |c| crate::claim::request_stop(c, id, why)).await?;
     let Some(owner) = owner else {
         // Ended meanwhile (or not claimed yet: the caller asks again).
         let (task, _) = find(state, log, id, name.to_owned()).await?;
         if Status::from_code(task.status).is_none_or(Status::is_terminal) {
-            return Ok(success(json!({})));
+            return Ok(());
         }
         return Err(ApiError::Other(
             "task is being claimed by an agent; retry the stop".into(),
@@ -135,7 +138,7 @@ async fn stop_elsewhere(
         let (task, _) = find(state, log, id, name.to_owned()).await?;
         if Status::from_code(task.status).is_none_or(Status::is_terminal) {
             info!(log, "task stopped by the agent that runs it"; "task_id" => id, "agent" => &owner);
-            return Ok(success(json!({})));
+            return Ok(());
         }
         let agent = owner.clone();
         let silent = read_store(state, log, move |c| {

@@ -450,3 +450,47 @@ fn a_lost_agent_loses_nothing_and_nothing_runs_twice() {
         );
     }
 }
+
+/// A `parallel_run` through an agent with no free fork is run by another agent; past the first
+/// agent's deadline the task is killed there (status 6), asked through its row, and the answer
+/// comes once that is recorded.
+#[test]
+fn a_parallel_run_deadline_kills_the_task_another_agent_runs() {
+    let (dir, db, view) = cluster_db();
+    let mut a_settings = agent_settings(&dir, &db, 0);
+    a_settings.max_forks = 1;
+    a_settings.parallel_run_timeout_secs = 4;
+    let b_settings = agent_settings(&dir, &db, 1);
+    let a = BinServer::start(&a_settings, &dir.0);
+    let body = |name: &str, host: &str, tasks: &str| {
+        let mut b = run_body(name, &[host], tasks);
+        b["fork_num"] = json!(1);
+        b
+    };
+    let hold = run(&a, body("hold", HOSTS[0], "- command: sleep 6630\n"));
+    wait_until("agent a runs its task", 30, || row(&view, hold).status == 2);
+    let b = BinServer::start(&b_settings, &dir.0);
+    let t = Instant::now();
+    let (status, text) = a.post(
+        "/api/parallel_run",
+        &body("deadline", HOSTS[1], "- command: sleep 6631\n").to_string(),
+    );
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{text}");
+    let lines: Vec<String> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].ends_with(&format!("host = {}, reuslt = timeout", HOSTS[1])),
+        "{text}"
+    );
+    let id = rows(&view).iter().map(|r| r.id).max().unwrap();
+    let task = row(&view, id);
+    assert_eq!(task.status, 6);
+    assert_eq!(task.agent.as_deref(), Some(b_settings.agent_name.as_str()));
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    assert!(crate::procwatch::with_token("sleep 6631").is_empty());
+    // And the long one, stopped through the other agent.
+    let answer = post(&b, "/api/stop", &json!({"id": hold, "name": "hold"}));
+    assert_eq!(answer, json!({"code": 0, "content": {}}));
+    assert!(crate::procwatch::with_token("sleep 6630").is_empty());
+}

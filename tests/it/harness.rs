@@ -403,6 +403,10 @@ pub fn settings_env(s: &Settings) -> Vec<(String, String)> {
         ("DOWNLINK_DB_RETRY_SECS", s.db_retry_secs.to_string()),
         ("DOWNLINK_SHARED_QUEUE", s.shared_queue.to_string()),
         (
+            "DOWNLINK_PARALLEL_RUN_TIMEOUT_SECS",
+            s.parallel_run_timeout_secs.to_string(),
+        ),
+        (
             "DOWNLINK_LOST_AGENT_GRACE_SECS",
             s.lost_agent_grace_secs.to_string(),
         ),
