@@ -406,6 +406,22 @@ fn a_lost_agent_loses_nothing_and_nothing_runs_twice() {
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     let killed = Instant::now();
+    // A stop through b while a is lost: the answer says so, and the stop stays recorded.
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, answer) = b.post(
+        "/api/stop",
+        &json!({"id": long, "name": "long"}).to_string(),
+    );
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(&format!(
+            "task {long} runs on agent {}, which has not been heard from for ",
+            a_settings.agent_name
+        )) && message
+            .ends_with(" s: the stop is recorded and is applied when that agent starts again"),
+        "{answer}"
+    );
     let deadline = Instant::now() + Duration::from_secs(40);
     while row(&view, long).status != 7 {
         if Instant::now() > deadline {
@@ -493,4 +509,51 @@ fn a_parallel_run_deadline_kills_the_task_another_agent_runs() {
     let answer = post(&b, "/api/stop", &json!({"id": hold, "name": "hold"}));
     assert_eq!(answer, json!({"code": 0, "content": {}}));
     assert!(crate::procwatch::with_token("sleep 6630").is_empty());
+}
+
+/// `cluster_max_forks` caps the forks in use over all agents, below the sum of their budgets.
+#[test]
+fn cluster_max_forks_caps_every_agent_together() {
+    let (dir, db, view) = cluster_db();
+    let agent = |n: usize| {
+        let mut s = agent_settings(&dir, &db, n);
+        s.cluster_max_forks = 3;
+        s
+    };
+    let servers: Vec<BinServer> = (0..2)
+        .map(|n| BinServer::start(&agent(n), &dir.0))
+        .collect();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let mut body = run_body(
+            &format!("capped-{i}"),
+            &[HOSTS[i % 3]],
+            "- command: sleep 2\n",
+        );
+        body["fork_num"] = json!(1);
+        ids.push(run(&servers[i % 2], body));
+    }
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running: Vec<Running> = view.read(|c| {
+            Ok(diesel::sql_query(
+                "SELECT agent, SUM(forks)::bigint AS forks FROM tasks WHERE status = 2 GROUP BY agent",
+            )
+            .load(c)?)
+        });
+        let total: i64 = running.iter().map(|r| r.forks).sum();
+        assert!(
+            total <= 3,
+            "{total} forks at once over the agents: {running:?}"
+        );
+        peak = peak.max(total);
+        if rows(&view).iter().all(|r| r.status >= 3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the eight tasks did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(peak, 3, "the cap is reached, not only respected");
+    assert!(rows(&view).iter().all(|r| r.status == 4 && r.starts == 1));
 }
