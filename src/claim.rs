@@ -31,6 +31,24 @@ pub struct Shared {
     pub cluster_max_forks: u32,
 }
 
+impl Shared {
+    /// Runs `f` on a pooled connection on the blocking pool (claims, stop requests, lost agents).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> {
+        let pool = self.pool.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                f(&mut conn)
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+        }
+    }
+}
+
 /// What a claim may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Room {

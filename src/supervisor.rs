@@ -206,16 +206,8 @@ impl TaskSupervisor {
             return;
         }
         self.claiming = true;
-        let pool = shared.pool.clone();
         let me = self.settings.agent_name.clone();
-        let job = async move {
-            tokio::task::spawn_blocking(move || {
-                let mut conn = pool.get()?;
-                crate::claim::claim_head(&mut conn, &me, room)
-            })
-            .await
-            .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
-        };
+        let job = shared.run(move |conn| crate::claim::claim_head(conn, &me, room));
         ctx.spawn(job.into_actor(self).map(|claimed, act, ctx| {
             act.claiming = false;
             match claimed {
@@ -247,16 +239,8 @@ impl TaskSupervisor {
         let Some(shared) = &self.shared else {
             return;
         };
-        let pool = shared.pool.clone();
         let me = self.settings.agent_name.clone();
-        let job = async move {
-            tokio::task::spawn_blocking(move || {
-                let mut conn = pool.get()?;
-                crate::claim::stops_for(&mut conn, &me)
-            })
-            .await
-            .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
-        };
+        let job = shared.run(move |conn| crate::claim::stops_for(conn, &me));
         ctx.spawn(job.into_actor(self).map(|asked, act, ctx| {
             for (id, reason) in asked.unwrap_or_default() {
                 let here = act.running.contains_key(&id) || act.queue.iter().any(|t| t.id == id);
@@ -279,19 +263,11 @@ impl TaskSupervisor {
         let Some(shared) = &self.shared else {
             return;
         };
-        let pool = shared.pool.clone();
         let me = self.settings.agent_name.clone();
         let beat = std::time::Duration::from_secs(self.settings.heartbeat_secs.max(1));
         let lease = beat * crate::agents::LEASE_HEARTBEATS;
         let grace = std::time::Duration::from_secs(self.settings.lost_agent_grace_secs);
-        let job = async move {
-            tokio::task::spawn_blocking(move || {
-                let mut conn = pool.get()?;
-                crate::claim::lost_agents(&mut conn, &me, lease, grace)
-            })
-            .await
-            .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(e.to_string())))
-        };
+        let job = shared.run(move |conn| crate::claim::lost_agents(conn, &me, lease, grace));
         ctx.spawn(job.into_actor(self).map(|found, act, _| {
             let to_end = match found {
                 Ok(to_end) => to_end,
