@@ -2,6 +2,9 @@
 //! table, the envelope, the contract's error strings (rendered in exactly one place), the two
 //! required headers and the body, which is read as JSON whatever its `Content-Type`.
 
+pub mod auth;
+pub mod health;
+
 pub mod check;
 pub mod events;
 pub mod fields;
@@ -26,9 +29,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use slog::{o, warn, Logger};
 
-use crate::db::Pool;
-use crate::persistence::Persistence;
 use crate::settings::Settings;
+use crate::store::db::Pool;
+use crate::store::persistence::Persistence;
 use crate::store::StoreError;
 use crate::supervisor::TaskSupervisor;
 
@@ -37,16 +40,16 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub pool: Pool,
     /// The HTTP workers' own PostgreSQL read connections, when the URL allows them.
-    pub readers: Option<crate::readers::Readers>,
+    pub readers: Option<crate::store::readers::Readers>,
     pub persistence: Addr<Persistence>,
     pub supervisor: Addr<TaskSupervisor>,
     pub log: Logger,
     /// Turns true when the server starts shutting down.
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// `/readyz` checks.
-    pub health: crate::health::Checks,
+    pub health: crate::api::health::Checks,
     /// What the writer knows of the database.
-    pub db_health: Arc<crate::persistence::DbHealth>,
+    pub db_health: Arc<crate::store::persistence::DbHealth>,
     /// How task processes are tracked (`exec::Tracking::describe`).
     pub process_tracking: String,
     /// Places left in the pending queue.
@@ -103,7 +106,7 @@ pub enum ApiError {
     #[error("method not allowed")]
     Method,
     #[error("unauthorized")]
-    Unauthorized(crate::auth::Refusal),
+    Unauthorized(crate::api::auth::Refusal),
     #[error("{0}")]
     Other(String),
 }
@@ -131,8 +134,8 @@ impl ResponseError for ApiError {
             // Existing clients read `code` and some raise on 4xx: every envelope answer is 200.
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unauthorized(crate::auth::Refusal::Token) => StatusCode::UNAUTHORIZED,
-            ApiError::Unauthorized(crate::auth::Refusal::Network) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(crate::api::auth::Refusal::Token) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(crate::api::auth::Refusal::Network) => StatusCode::FORBIDDEN,
             _ => StatusCode::OK,
         }
     }
@@ -143,7 +146,7 @@ impl ResponseError for ApiError {
             code: -1,
             message: &message,
         });
-        if let ApiError::Unauthorized(crate::auth::Refusal::Token) = self {
+        if let ApiError::Unauthorized(crate::api::auth::Refusal::Token) = self {
             res.headers_mut().insert(
                 actix_web::http::header::WWW_AUTHENTICATE,
                 actix_web::http::header::HeaderValue::from_static("Bearer"),
@@ -299,7 +302,7 @@ impl FromRequest for ApiRequest {
 /// "database unavailable", with the real error logged.
 pub async fn read_store<T, F>(state: &AppState, log: &Logger, f: F) -> Result<T, ApiError>
 where
-    F: FnOnce(&mut crate::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
+    F: FnOnce(&mut crate::store::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
     let pool = state.pool.clone();
@@ -321,9 +324,9 @@ pub async fn read_either<T, R, Fut, P>(
     on_pool: P,
 ) -> Result<T, ApiError>
 where
-    R: FnOnce(std::rc::Rc<crate::readers::ReadConn>) -> Fut,
+    R: FnOnce(std::rc::Rc<crate::store::readers::ReadConn>) -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
-    P: FnOnce(&mut crate::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
+    P: FnOnce(&mut crate::store::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
     match &state.readers {

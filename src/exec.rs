@@ -10,6 +10,8 @@
 //!
 //! The TaskActor asks this layer to start, signal and clean; nothing else touches processes.
 
+pub mod procs;
+
 pub mod cgroup;
 pub mod connections;
 pub mod remote;

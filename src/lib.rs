@@ -29,29 +29,17 @@
 //! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
 //!   [`status`], [`time`].
 
-pub mod agents;
 pub mod ansible;
 pub mod api;
-pub mod auth;
-pub mod claim;
-pub mod clean;
 pub mod cli;
-pub mod db;
+pub mod cluster;
 pub mod exec;
-pub mod health;
 pub mod logging;
 pub mod metrics;
-pub mod persistence;
-pub mod procs;
-pub mod readers;
-pub mod recovery;
-pub mod retention;
-pub mod schema;
 pub mod server;
 pub mod settings;
 pub mod status;
 pub mod store;
 pub mod supervisor;
-pub mod systemd;
 pub mod task;
 pub mod time;

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use slog::{error, info};
 
 use downlink::settings::Settings;
-use downlink::{db, logging, server};
+use downlink::store::db;
+use downlink::{logging, server};
 
 /// downlink: runs orchestrator tasks as ansible-playbook processes and records every result.
 #[derive(Parser)]
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
             eprintln!("downlink: give the token on standard input");
             return ExitCode::from(2);
         }
-        println!("{}", downlink::auth::hash_token(token.trim()));
+        println!("{}", downlink::api::auth::hash_token(token.trim()));
         return ExitCode::SUCCESS;
     }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
@@ -143,7 +144,7 @@ fn agents(settings: &Settings) -> anyhow::Result<()> {
     let target = db::Target::parse(&settings.effective_database_url())?;
     let mut conn =
         db::connect(&target).with_context(|| format!("connecting to {}", target.describe()))?;
-    let rows = downlink::agents::list(&mut conn).context("reading agents")?;
+    let rows = downlink::cluster::agents::list(&mut conn).context("reading agents")?;
     let heartbeat = std::time::Duration::from_secs(settings.heartbeat_secs.max(1));
     println!(
         "{:<24} {:<20} {:>8} {:<10} {:<20} {:>13} {:>9} STATE",
@@ -159,7 +160,7 @@ fn agents(settings: &Settings) -> anyhow::Result<()> {
             row.started_at.format("%Y-%m-%d %H:%M:%S"),
             row.silent_ms as f64 / 1000.0,
             row.max_forks,
-            downlink::agents::shown_state(row, heartbeat)
+            downlink::cluster::agents::shown_state(row, heartbeat)
         );
     }
     Ok(())
@@ -222,8 +223,8 @@ fn serve(settings: Settings, log: &slog::Logger) -> anyhow::Result<()> {
     let addr: std::net::SocketAddr = bind
         .parse()
         .with_context(|| format!("bind `{bind}` is not an address:port"))?;
-    let access = downlink::auth::Access::from_settings(&settings)?;
-    match downlink::auth::check_exposure(&settings, &access, addr) {
+    let access = downlink::api::auth::Access::from_settings(&settings)?;
+    match downlink::api::auth::check_exposure(&settings, &access, addr) {
         Ok(Some(warning)) => slog::warn!(log, "{}", warning),
         Ok(None) => {}
         Err(refusal) => anyhow::bail!(refusal),

@@ -2,6 +2,8 @@
 //! the recovery of what an earlier run left behind (`recovery`), start the actors and serve HTTP
 //! on an already-bound listener (so tests bind `127.0.0.1:0`) until asked to shut down.
 
+pub mod systemd;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -15,16 +17,18 @@ use anyhow::Context as _;
 use slog::{error, info, warn, Logger};
 
 use crate::ansible::rundir;
+use crate::api::auth::{Access, OPEN_PATHS};
+use crate::api::health;
 use crate::api::{self, ApiError, AppState, ErrorMessage};
-use crate::auth::{Access, OPEN_PATHS};
-use crate::db::{self, Pool, Target};
 use crate::exec::cgroup::Cgroups;
 use crate::exec::connections::Connections;
+use crate::exec::procs;
 use crate::exec::{Exec, Tracking};
-use crate::persistence::{DbHealth, Flush, Persistence};
 use crate::settings::Settings;
+use crate::store::db::{self, Pool, Target};
+use crate::store::persistence::{DbHealth, Flush, Persistence};
+use crate::supervisor::recovery;
 use crate::supervisor::{Close, QueueSlots, Recover, TaskSupervisor};
-use crate::{health, procs, recovery};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::ResponseError;
 use futures_util::future::Either;
@@ -75,8 +79,8 @@ const DB_START_WAIT: Duration = Duration::from_secs(30);
 pub struct Prepared {
     pub settings: Arc<Settings>,
     pub pool: Pool,
-    pub readers: Option<crate::readers::Readers>,
-    pub identity: crate::agents::Identity,
+    pub readers: Option<crate::store::readers::Readers>,
+    pub identity: crate::cluster::agents::Identity,
     pub run_root: PathBuf,
     pub recover: Recover,
     pub tracking: Tracking,
@@ -131,10 +135,11 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let applied = db::migrate(&mut conn)?;
     info!(log, "database ready"; "database" => target.describe(), "migrations_applied" => applied.len());
     let identity =
-        crate::agents::Identity::of_this_process(&settings.agent_name, settings.max_forks);
-    crate::agents::register(&mut conn, &identity).context("recording this agent in agents")?;
+        crate::cluster::agents::Identity::of_this_process(&settings.agent_name, settings.max_forks);
+    crate::cluster::agents::register(&mut conn, &identity)
+        .context("recording this agent in agents")?;
     if settings.shared_queue {
-        let taken_back = crate::claim::back(&mut conn, &settings.agent_name)
+        let taken_back = crate::cluster::claim::back(&mut conn, &settings.agent_name)
             .context("taking back the notes of this agent's loss")?;
         if taken_back > 0 {
             info!(log, "back after being lost: its running tasks' notes taken back"; "tasks" => taken_back);
@@ -196,13 +201,13 @@ fn http_readers(
     settings: &Settings,
     target: &Target,
     log: &Logger,
-) -> Option<crate::readers::Readers> {
+) -> Option<crate::store::readers::Readers> {
     let Target::Postgres(url) = target else {
         return None;
     };
     let per_worker = 2;
     let timeout = Duration::from_secs(settings.db_statement_timeout_secs);
-    match crate::readers::Readers::new(url, per_worker, timeout) {
+    match crate::store::readers::Readers::new(url, per_worker, timeout) {
         Ok(readers) => {
             info!(log, "HTTP workers read on connections of their own"; "per_worker" => per_worker);
             Some(readers)
@@ -283,19 +288,26 @@ pub async fn run(
         exec,
         log.clone(),
     )
-    .with_shared(settings.shared_queue.then(|| crate::claim::Shared {
-        pool: pool.clone(),
-        cluster_max_forks: settings.cluster_max_forks,
-    }))
+    .with_shared(
+        settings
+            .shared_queue
+            .then(|| crate::cluster::claim::Shared {
+                pool: pool.clone(),
+                cluster_max_forks: settings.cluster_max_forks,
+            }),
+    )
     .start();
     let listening = match (&readers, settings.shared_queue) {
         (Some(readers), true) => {
             let (readers, to) = (readers.clone(), supervisor.clone());
             let llog = log.new(slog::o!("part" => "shared-queue"));
             Some(actix_web::rt::spawn(readers.listen(
-                &[crate::claim::CHANNEL, crate::claim::STOP_CHANNEL],
+                &[
+                    crate::cluster::claim::CHANNEL,
+                    crate::cluster::claim::STOP_CHANNEL,
+                ],
                 move |channel| {
-                    if channel == crate::claim::STOP_CHANNEL {
+                    if channel == crate::cluster::claim::STOP_CHANNEL {
                         to.do_send(crate::supervisor::CheckStops);
                     } else {
                         to.do_send(crate::supervisor::Claim);
@@ -416,12 +428,12 @@ pub async fn run(
     let handle = server.handle();
     on_start(handle.clone());
     let serving = actix_web::rt::spawn(server);
-    crate::systemd::ready(&log, &format!("serving on {}", settings.bind));
-    crate::systemd::watchdog(supervisor.clone(), log.clone());
+    crate::server::systemd::ready(&log, &format!("serving on {}", settings.bind));
+    crate::server::systemd::watchdog(supervisor.clone(), log.clone());
     let beating = heartbeats(&settings, pool.clone(), identity.clone(), log.clone());
-    let retention = crate::retention::spawn(
+    let retention = crate::store::retention::spawn(
         pool.clone(),
-        crate::retention::Policy {
+        crate::store::retention::Policy {
             retention_days: settings.retention_days,
             keep_tasks: settings.retention_keep_tasks,
             agent: settings.agent_name.clone(),
@@ -433,7 +445,7 @@ pub async fn run(
     shutdown.await;
 
     info!(log, "shutting down"; "stop_tasks" => settings.stop_tasks_on_shutdown);
-    crate::systemd::stopping(&log);
+    crate::server::systemd::stopping(&log);
     beating.abort();
     retention.abort();
     if let Some(l) = listening {
@@ -442,7 +454,7 @@ pub async fn run(
     let (draining_pool, me) = (pool.clone(), identity.clone());
     let drained = tokio::task::spawn_blocking(move || {
         let mut conn = draining_pool.get()?;
-        crate::agents::draining(&mut conn, &me)
+        crate::cluster::agents::draining(&mut conn, &me)
     })
     .await;
     if !matches!(drained, Ok(Ok(()))) {
@@ -472,7 +484,7 @@ pub async fn run(
 fn heartbeats(
     settings: &Settings,
     pool: Pool,
-    me: crate::agents::Identity,
+    me: crate::cluster::agents::Identity,
     log: Logger,
 ) -> actix_web::rt::task::JoinHandle<()> {
     let every = Duration::from_secs(settings.heartbeat_secs.max(1));
@@ -485,7 +497,7 @@ fn heartbeats(
             let (pool, me) = (pool.clone(), me.clone());
             let beat = tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get()?;
-                crate::agents::heartbeat(&mut conn, &me)
+                crate::cluster::agents::heartbeat(&mut conn, &me)
             })
             .await;
             match beat {

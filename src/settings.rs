@@ -226,7 +226,7 @@ impl Settings {
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return bad("tls_cert_file and tls_key_file go together: set both or neither");
         }
-        crate::auth::Access::from_settings(self)?;
+        crate::api::auth::Access::from_settings(self)?;
         crate::logging::parse_level(&self.log_level).map(|_| ())
     }
 

@@ -2,14 +2,21 @@
 //! Persistence calls the writing ones (it is the only writer); read-only handlers call the reading
 //! ones through `web::block`.
 
+pub mod clean;
+pub mod db;
+pub mod persistence;
+pub mod readers;
+pub mod retention;
+pub mod schema;
+
 use chrono::NaiveDateTime;
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::db::DbConnection;
-use crate::schema::{task_events, task_hosts, tasks};
 use crate::status::Status;
+use crate::store::db::DbConnection;
+use crate::store::schema::{task_events, task_hosts, tasks};
 
 /// A task row.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -199,7 +206,7 @@ pub enum StoreError {
 
 impl From<DieselError> for StoreError {
     fn from(e: DieselError) -> Self {
-        crate::db::suspect();
+        crate::store::db::suspect();
         StoreError::Query(e)
     }
 }

@@ -14,6 +14,8 @@
 //! Persistence, which brings any row that fell behind up to them; an owed end is dropped once it
 //! is written. A task whose TaskActor stops without an end (a panic) is ended here.
 
+pub mod recovery;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,11 +29,11 @@ use crate::ansible::events::{Ending, Hosts};
 use crate::ansible::rundir::RunDir;
 use crate::exec::connections::CloseAll;
 use crate::exec::Exec;
-use crate::persistence::{FinishTask, MarkRunning, Persistence, Repair, Truth};
-use crate::recovery::Plan;
 use crate::settings::Settings;
 use crate::status::Status;
+use crate::store::persistence::{FinishTask, MarkRunning, Persistence, Repair, Truth};
 use crate::store::Finish;
+use crate::supervisor::recovery::Plan;
 use crate::task::{timeout_err, EndFile, Kill, Origin, TaskActor, TaskReport, TaskSpec};
 use crate::time;
 
@@ -103,7 +105,7 @@ pub struct TaskSupervisor {
     /// Shutting down: nothing more is admitted.
     closing: bool,
     /// The shared queue (`shared_queue`): tasks are claimed from the table, not queued here.
-    shared: Option<crate::claim::Shared>,
+    shared: Option<crate::cluster::claim::Shared>,
     /// A claim is under way.
     claiming: bool,
     /// The last claim failed (logged once until one succeeds).
@@ -146,7 +148,7 @@ impl TaskSupervisor {
     }
 
     /// With the shared queue: claims are made from the table.
-    pub fn with_shared(mut self, shared: Option<crate::claim::Shared>) -> TaskSupervisor {
+    pub fn with_shared(mut self, shared: Option<crate::cluster::claim::Shared>) -> TaskSupervisor {
         self.shared = shared;
         self
     }
@@ -197,7 +199,7 @@ impl TaskSupervisor {
             return;
         }
         let max = self.settings.max_forks;
-        let room = crate::claim::Room {
+        let room = crate::cluster::claim::Room {
             free: max.saturating_sub(self.used_forks),
             max_forks: max,
             cluster_max_forks: shared.cluster_max_forks,
@@ -207,7 +209,7 @@ impl TaskSupervisor {
         }
         self.claiming = true;
         let me = self.settings.agent_name.clone();
-        let job = shared.run(move |conn| crate::claim::claim_head(conn, &me, room));
+        let job = shared.run(move |conn| crate::cluster::claim::claim_head(conn, &me, room));
         ctx.spawn(job.into_actor(self).map(|claimed, act, ctx| {
             act.claiming = false;
             match claimed {
@@ -240,7 +242,7 @@ impl TaskSupervisor {
             return;
         };
         let me = self.settings.agent_name.clone();
-        let job = shared.run(move |conn| crate::claim::stops_for(conn, &me));
+        let job = shared.run(move |conn| crate::cluster::claim::stops_for(conn, &me));
         ctx.spawn(job.into_actor(self).map(|asked, act, ctx| {
             for (id, reason) in asked.unwrap_or_default() {
                 let here = act.running.contains_key(&id) || act.queue.iter().any(|t| t.id == id);
@@ -265,9 +267,10 @@ impl TaskSupervisor {
         };
         let me = self.settings.agent_name.clone();
         let beat = std::time::Duration::from_secs(self.settings.heartbeat_secs.max(1));
-        let lease = beat * crate::agents::LEASE_HEARTBEATS;
+        let lease = beat * crate::cluster::agents::LEASE_HEARTBEATS;
         let grace = std::time::Duration::from_secs(self.settings.lost_agent_grace_secs);
-        let job = shared.run(move |conn| crate::claim::lost_agents(conn, &me, lease, grace));
+        let job =
+            shared.run(move |conn| crate::cluster::claim::lost_agents(conn, &me, lease, grace));
         ctx.spawn(job.into_actor(self).map(|found, act, _| {
             let to_end = match found {
                 Ok(to_end) => to_end,

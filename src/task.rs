@@ -37,15 +37,16 @@ use crate::ansible::rundir::{self, Job, RunDir};
 use crate::ansible::tail::{self, Chunk, EventTail, Piece};
 use crate::exec::cgroup::TaskCgroup;
 use crate::exec::connections::{self, Acquire};
+use crate::exec::procs;
 use crate::exec::remote::{self, Cleaned};
 use crate::exec::spawn;
 use crate::exec::Exec;
-use crate::persistence::{FinishTask, MarkRunning, Persistence, SaveProgress};
-use crate::procs;
 use crate::settings::Settings;
 use crate::status::Status;
+use crate::store::clean;
+use crate::store::persistence::{FinishTask, MarkRunning, Persistence, SaveProgress};
 use crate::store::{Finish, HostState, NewEvent, Task, Usage};
-use crate::{clean, time};
+use crate::time;
 use verdict::{verdict, Exit, Verdict};
 
 /// Everything needed to run a stored task.

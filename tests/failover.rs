@@ -205,7 +205,7 @@ fn a_failover_to_the_synchronous_standby_loses_nothing_acknowledged() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while view.read(|c| {
         use diesel::prelude::*;
-        use downlink::schema::tasks;
+        use downlink::store::schema::tasks;
         Ok(tasks::table
             .filter(tasks::status.eq(2))
             .count()

@@ -318,7 +318,7 @@ pub fn error_line(output: &Path) -> Option<String> {
         .ok()?;
     let mut tail = Vec::new();
     file.take(ERROR_TAIL).read_to_end(&mut tail).ok()?;
-    error_line_in(&crate::clean::bytes(&tail))
+    error_line_in(&crate::store::clean::bytes(&tail))
 }
 
 fn error_line_in(output: &str) -> Option<String> {

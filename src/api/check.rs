@@ -88,7 +88,7 @@ pub async fn find(
     let found = read_either(
         state,
         log,
-        |c| async move { crate::readers::task_with_hosts(&c, id, &name).await },
+        |c| async move { crate::store::readers::task_with_hosts(&c, id, &name).await },
         move |c| store::task_with_hosts(c, id, &pooled),
     )
     .await?;
@@ -137,7 +137,7 @@ async fn shared_place(
         });
     }
     let id = task.id;
-    let ahead = super::read_store(state, log, move |c| crate::claim::ahead_of(c, id))
+    let ahead = super::read_store(state, log, move |c| crate::cluster::claim::ahead_of(c, id))
         .await
         .ok()?;
     let before = match ahead {

@@ -86,7 +86,7 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let rows = read_either(
         &state,
         &log,
-        |c| async move { crate::readers::task_hosts(&c, id).await },
+        |c| async move { crate::store::readers::task_hosts(&c, id).await },
         move |c| store::task_hosts(c, id),
     )
     .await?;

@@ -7,8 +7,8 @@ use tokio::sync::oneshot;
 
 use super::fields::RunRequest;
 use super::{success, ApiError, ApiRequest, AppState, Caller};
-use crate::persistence::InsertTask;
 use crate::status::Status;
+use crate::store::persistence::InsertTask;
 use crate::store::NewTask;
 use crate::supervisor::Enqueue;
 use crate::task::TaskSpec;

@@ -90,7 +90,10 @@ pub async fn end_elsewhere(
     reason: EndReason,
 ) -> Result<(), ApiError> {
     let me = state.settings.agent_name.clone();
-    let taken = read_store(state, log, move |c| crate::claim::take_for_stop(c, id, &me)).await?;
+    let taken = read_store(state, log, move |c| {
+        crate::cluster::claim::take_for_stop(c, id, &me)
+    })
+    .await?;
     if taken {
         let (task, _) = find(state, log, id, name.to_owned()).await?;
         let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
@@ -106,7 +109,7 @@ pub async fn end_elsewhere(
         };
         let written = state
             .persistence
-            .send(crate::persistence::FinishTask(fin))
+            .send(crate::store::persistence::FinishTask(fin))
             .await;
         return match written {
             Ok(Ok(_)) => {
@@ -117,7 +120,10 @@ pub async fn end_elsewhere(
         };
     }
     let why = reason.as_str();
-    let owner = read_store(state, log, move |c| crate::claim::request_stop(c, id, why)).await?;
+    let owner = read_store(state, log, move |c| {
+        crate::cluster::claim::request_stop(c, id, why)
+    })
+    .await?;
     let Some(owner) = owner else {
         // Ended meanwhile (or not claimed yet: the caller asks again).
         let (task, _) = find(state, log, id, name.to_owned()).await?;
@@ -131,8 +137,9 @@ pub async fn end_elsewhere(
     info!(log, "stop asked of the agent that runs the task"; "task_id" => id, "agent" => &owner);
     let s = &state.settings;
     let wait = Duration::from_secs(s.stop_grace_secs + s.remote_cleanup_secs + 30);
-    let lease =
-        Duration::from_secs(s.heartbeat_secs.max(1) * crate::agents::LEASE_HEARTBEATS as u64);
+    let lease = Duration::from_secs(
+        s.heartbeat_secs.max(1) * crate::cluster::agents::LEASE_HEARTBEATS as u64,
+    );
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let (task, _) = find(state, log, id, name.to_owned()).await?;
@@ -142,7 +149,7 @@ pub async fn end_elsewhere(
         }
         let agent = owner.clone();
         let silent = read_store(state, log, move |c| {
-            Ok(crate::agents::list(c)?
+            Ok(crate::cluster::agents::list(c)?
                 .into_iter()
                 .find(|a| a.name == agent)
                 .map(|a| a.silent_ms))

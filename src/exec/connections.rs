@@ -189,7 +189,7 @@ impl Connections {
             }
             debug!(log, "an ssh master ended"; "host" => &key.1);
             if let Some(pid) = pid {
-                crate::procs::reap(&[*pid]);
+                crate::exec::procs::reap(&[*pid]);
             }
             false
         });
@@ -312,7 +312,7 @@ impl Handler<CloseAll> for Connections {
                 .status();
             if let Some(pid) = pid {
                 std::thread::sleep(Duration::from_millis(20));
-                crate::procs::reap(&[pid]);
+                crate::exec::procs::reap(&[pid]);
             }
         }
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::harness::{request, run_body, test_settings, Backend, TempDir, TestServer, HOSTS};
-use downlink::auth::hash_token;
+use downlink::api::auth::hash_token;
 
 const UNAUTHORIZED: &str = "{\"code\":-1,\"message\":\"unauthorized\"}";
 const NOT_FOUND: &str = "{\"code\":-1,\"message\":\"task not found...\"}";

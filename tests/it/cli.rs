@@ -85,8 +85,8 @@ fn migrate_creates_the_tables(backend: Backend) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let target = downlink::db::Target::parse(&db.url).unwrap();
-    let pool = downlink::db::pool(
+    let target = downlink::store::db::Target::parse(&db.url).unwrap();
+    let pool = downlink::store::db::pool(
         &target,
         2,
         std::time::Duration::from_secs(5),
@@ -161,8 +161,8 @@ fn a_database_migrated_by_a_newer_downlink_is_refused(backend: Backend) {
     let dir = TempDir::new();
     let db = TestDb::new(backend, &dir.0);
     assert!(migrate(&dir.0, &db.url).status.success());
-    let target = downlink::db::Target::parse(&db.url).unwrap();
-    let mut conn = downlink::db::connect(&target).unwrap();
+    let target = downlink::store::db::Target::parse(&db.url).unwrap();
+    let mut conn = downlink::store::db::connect(&target).unwrap();
     conn.batch_execute(
         "INSERT INTO __diesel_schema_migrations (version) VALUES ('29991231000000')",
     )

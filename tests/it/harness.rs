@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
-use downlink::db::{self, DbConnection, Pool, Target};
 use downlink::server::{self, Spawned};
 use downlink::settings::Settings;
+use downlink::store::db::{self, DbConnection, Pool, Target};
 use downlink::store::{self, HostRow, Task};
 use serde_json::Value;
 
@@ -200,7 +200,7 @@ impl DbView {
     /// The id of the task with this name.
     pub fn id_of(&self, name: &str) -> i64 {
         use diesel::prelude::*;
-        use downlink::schema::tasks;
+        use downlink::store::schema::tasks;
         self.read(|c| {
             Ok(tasks::table
                 .filter(tasks::name.eq(name))
@@ -219,7 +219,11 @@ impl DbView {
 
     pub fn task_count(&self) -> i64 {
         use diesel::prelude::*;
-        self.read(|c| Ok(downlink::schema::tasks::table.count().get_result(c)?))
+        self.read(|c| {
+            Ok(downlink::store::schema::tasks::table
+                .count()
+                .get_result(c)?)
+        })
     }
 
     /// Waits until the task has one of these statuses; panics after `secs`.

@@ -123,8 +123,8 @@ fn params_stay_out_of_logs_and_no_log_results_stay_censored() {
     body["params"] = json!("secret=hunter2");
     let (_, got) = server.post("/api/run", &body.to_string());
     assert_eq!(got, "{\"code\":0,\"content\":{\"id\":1}}");
-    let target = downlink::db::Target::parse(&db.url).unwrap();
-    let pool = downlink::db::pool(
+    let target = downlink::store::db::Target::parse(&db.url).unwrap();
+    let pool = downlink::store::db::pool(
         &target,
         2,
         std::time::Duration::from_secs(5),

@@ -178,7 +178,7 @@ fn metrics_after_a_mixed_run_match_the_tables(backend: Backend) {
 /// `/metrics` takes the API's token unless `metrics_open`.
 #[test]
 fn metrics_are_behind_the_token_unless_open() {
-    let hashes = vec![downlink::auth::hash_token("s3cret")];
+    let hashes = vec![downlink::api::auth::hash_token("s3cret")];
     let closed = TestServer::start_with(Backend::Sqlite, |s| s.auth_token_hashes = hashes.clone());
     let url = format!("{}/metrics", closed.base);
     assert_eq!(request("GET", &url, &[], "").0, 401);
@@ -461,7 +461,7 @@ fn tasks_cli(server: &TestServer, token_file: &std::path::Path, args: &[&str]) -
 #[test]
 fn the_tasks_cli_lists_shows_watches_and_stops_through_the_api() {
     let server = TestServer::start_with(Backend::Postgres, |s| {
-        s.auth_token_hashes = vec![downlink::auth::hash_token("cli-s3cret")];
+        s.auth_token_hashes = vec![downlink::api::auth::hash_token("cli-s3cret")];
     });
     let token = server.dir.0.join("token");
     std::fs::write(&token, "cli-s3cret\n").unwrap();

@@ -165,7 +165,7 @@ fn a_panicking_task_actor_still_ends_its_task(backend: Backend) {
     let id = loop {
         let found: Option<i64> = {
             use diesel::prelude::*;
-            use downlink::schema::tasks;
+            use downlink::store::schema::tasks;
             tasks::table
                 .filter(tasks::name.eq(&name))
                 .select(tasks::id)

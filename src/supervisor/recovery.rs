@@ -22,13 +22,14 @@ use chrono::NaiveDateTime;
 
 use crate::ansible::events::{Ending, Hosts};
 use crate::ansible::rundir::RunDir;
-use crate::db::DbConnection;
-use crate::persistence::MarkRunning;
+use crate::exec::procs;
 use crate::status::Status;
+use crate::store::db::DbConnection;
+use crate::store::persistence::MarkRunning;
 use crate::store::{self, Finish, StoreError, Task};
 use crate::task::read_end_file;
 use crate::task::TaskSpec;
-use crate::{procs, time};
+use crate::time;
 
 /// A task an earlier server left running (or started without recording it), to adopt.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Text, Timestamp};
 
-use crate::db::DbConnection;
+use crate::store::db::DbConnection;
 use crate::store::StoreError;
 
 /// How many heartbeat intervals an agent may miss before it counts as lost.

@@ -24,8 +24,8 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use slog::{info, warn, Logger};
 
-use crate::db::{DbConnection, Pool};
-use crate::schema::{task_events, tasks};
+use crate::store::db::{DbConnection, Pool};
+use crate::store::schema::{task_events, tasks};
 use crate::store::StoreError;
 
 /// Tasks purged per round.

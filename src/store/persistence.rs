@@ -2,7 +2,7 @@
 //!
 //! Task writes (running, progress, end, repairs) go through one ordered queue and are applied one
 //! at a time on the blocking pool, so they land in the order they were sent. Every write is
-//! cleaned first ([`crate::clean`]): nothing a playbook prints can make a row unstorable.
+//! cleaned first ([`crate::store::clean`]): nothing a playbook prints can make a row unstorable.
 //!
 //! A failed write is classified, and only unavailability is retried:
 //!
@@ -32,9 +32,9 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use slog::{error, info, warn, Logger};
 use tokio::sync::oneshot;
 
-use crate::clean::Clean;
-use crate::db::{DbConnection, Pool};
 use crate::metrics::Metrics;
+use crate::store::clean::Clean;
+use crate::store::db::{DbConnection, Pool};
 use crate::store::{self, Finish, HostState, NewEvent, NewTask, StoreError};
 
 /// First retry delay; doubled after each failure up to `MAX_BACKOFF`.
@@ -379,7 +379,7 @@ fn sqlite_transient(message: &str) -> bool {
 }
 
 fn reason(e: &StoreError) -> String {
-    crate::clean::text(&e.to_string())
+    crate::store::clean::text(&e.to_string())
         .chars()
         .take(MAX_REASON)
         .collect()
@@ -441,7 +441,7 @@ fn run(c: &mut DbConnection, write: &Write, notify: bool) -> Result<bool, StoreE
             let ended = store::finish(c, f)?;
             if ended && notify {
                 // In the batch's transaction (sent at its commit), else right after the end's.
-                crate::claim::notify(c)?;
+                crate::cluster::claim::notify(c)?;
             }
             Ok(ended)
         }
@@ -648,7 +648,7 @@ impl Handler<InsertTask> for Persistence {
                 if msg.0.agent.is_none() {
                     // Unclaimed: wake every agent of the shared queue (a lost one is covered by
                     // their claims every second).
-                    let _ = crate::claim::notify(&mut conn);
+                    let _ = crate::cluster::claim::notify(&mut conn);
                 }
                 Ok(id)
             })

@@ -13,8 +13,8 @@
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable};
 
-use crate::db::DbConnection;
-use crate::schema::tasks;
+use crate::store::db::DbConnection;
+use crate::store::schema::tasks;
 use crate::store::{StoreError, Task};
 
 /// The channel of the wake-ups.
@@ -27,7 +27,7 @@ const CLAIM_LOCK: i64 = 0x646c_7175;
 /// What a supervisor claims with.
 #[derive(Clone)]
 pub struct Shared {
-    pub pool: crate::db::Pool,
+    pub pool: crate::store::db::Pool,
     pub cluster_max_forks: u32,
 }
 

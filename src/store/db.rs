@@ -31,8 +31,8 @@ pub enum DbConnection {
 macro_rules! on_backend {
     ($conn:expr, |$c:ident| $body:expr) => {
         match $conn {
-            $crate::db::DbConnection::Pg($c) => $body,
-            $crate::db::DbConnection::Sqlite($c) => $body,
+            $crate::store::db::DbConnection::Pg($c) => $body,
+            $crate::store::db::DbConnection::Sqlite($c) => $body,
         }
     };
 }

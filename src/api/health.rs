@@ -10,7 +10,7 @@ use diesel::connection::SimpleConnection;
 use serde_json::json;
 
 use crate::api::AppState;
-use crate::db;
+use crate::store::db;
 
 /// How long an `ansible-playbook --version` result is trusted.
 const ANSIBLE_CHECK_TTL: Duration = Duration::from_secs(30);
