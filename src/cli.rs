@@ -2,7 +2,8 @@
 //! (any agent, through its auth), never through the database directly.
 //!
 //! The server is `--server URL` (or `DOWNLINK_SERVER`), by default the `bind` of the settings on
-//! loopback. The token is `DOWNLINK_TOKEN`, or the first line of `--token-file`.
+//! loopback. The token is the first line of `--token-file`, or `DOWNLINK_TOKEN`. The binary's
+//! command line reads both variables (clap's `env`); this module is handed the values.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -15,9 +16,12 @@ use serde_json::{json, Value};
 
 use crate::settings::Settings;
 
-/// Environment variables of the CLI (not settings: the settings loader leaves them alone).
+/// Environment variables of the CLI. They share the settings' `DOWNLINK_` prefix but are not
+/// settings: the binary leaves them out of what it gives the settings loader.
 pub const SERVER_VAR: &str = "DOWNLINK_SERVER";
 pub const TOKEN_VAR: &str = "DOWNLINK_TOKEN";
+/// Both of them.
+pub const ENV_VARS: [&str; 2] = [SERVER_VAR, TOKEN_VAR];
 /// Most hosts `watch` gives a line of their own; the rest share one.
 const MAX_HOST_LINES: usize = 30;
 /// How often `watch` opens the stream again (from the last event it saw) before giving up.
@@ -33,6 +37,8 @@ pub struct Client {
 /// Where a `downlink tasks` command goes.
 pub struct Target {
     pub server: Option<String>,
+    /// The token itself (from `DOWNLINK_TOKEN`); `token_file` wins over it.
+    pub token: Option<String>,
     pub token_file: Option<std::path::PathBuf>,
     pub ca_file: Option<std::path::PathBuf>,
 }
@@ -43,14 +49,14 @@ impl Client {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None => default_server(settings),
         };
-        let token = match (&target.token_file, std::env::var(TOKEN_VAR)) {
+        let token = match (&target.token_file, &target.token) {
             (Some(path), _) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading the token file {}", path.display()))?;
                 Some(text.lines().next().unwrap_or_default().trim().to_owned())
             }
-            (None, Ok(token)) => Some(token.trim().to_owned()),
-            (None, Err(_)) => None,
+            (None, Some(token)) => Some(token.trim().to_owned()),
+            (None, None) => None,
         }
         .filter(|t| !t.is_empty());
         let mut builder = ureq::AgentBuilder::new()
@@ -112,9 +118,6 @@ impl Client {
 
 /// `http(s)://` the settings' `bind`, an unspecified address replaced by loopback.
 fn default_server(settings: &Settings) -> String {
-    if let Ok(url) = std::env::var(SERVER_VAR) {
-        return url.trim_end_matches('/').to_owned();
-    }
     let scheme = if settings.tls_cert_file.is_empty() {
         "http"
     } else {

@@ -3,26 +3,23 @@
 
 use slog::{o, Drain, Level, Logger};
 
-use crate::settings::{LogFormat, Settings, SettingsError};
+use crate::settings::{LogFormat, LogLevel, Settings};
 
-/// Reads a level name as written in the settings.
-pub fn parse_level(name: &str) -> Result<Level, SettingsError> {
-    match name {
-        "critical" => Ok(Level::Critical),
-        "error" => Ok(Level::Error),
-        "warning" | "warn" => Ok(Level::Warning),
-        "info" => Ok(Level::Info),
-        "debug" => Ok(Level::Debug),
-        "trace" => Ok(Level::Trace),
-        other => Err(SettingsError::Invalid(format!(
-            "log_level `{other}` is not one of critical, error, warning, info, debug, trace"
-        ))),
+fn level(level: LogLevel) -> Level {
+    match level {
+        LogLevel::Critical => Level::Critical,
+        LogLevel::Error => Level::Error,
+        LogLevel::Warning => Level::Warning,
+        LogLevel::Info => Level::Info,
+        LogLevel::Debug => Level::Debug,
+        LogLevel::Trace => Level::Trace,
     }
 }
 
-/// The root logger for `settings`, writing to standard error.
-pub fn root(settings: &Settings) -> Logger {
-    let level = parse_level(&settings.log_level).unwrap_or(Level::Info);
+/// The root logger for `settings`, writing to standard error through a logging thread, and the
+/// guard that flushes that thread's queue when dropped: keep it until the last line is logged.
+pub fn root(settings: &Settings) -> (Logger, LogGuard) {
+    let level = level(settings.log_level);
     let drain = match settings.log_format {
         LogFormat::Json => {
             let json = slog_json::Json::new(std::io::stderr())
@@ -37,10 +34,17 @@ pub fn root(settings: &Settings) -> Logger {
             async_drain(term, level)
         }
     };
-    Logger::root(drain, o!("service" => "downlink"))
+    let (drain, guard) = drain;
+    (Logger::root(drain, o!("service" => "downlink")), guard)
 }
 
-fn async_drain<D>(drain: D, level: Level) -> slog::Fuse<slog::LevelFilter<slog_async::Async>>
+/// Flushes the logging thread's queue when dropped.
+pub type LogGuard = slog_async::AsyncGuard;
+
+// A line logged after the guard is gone (a thread still ending at exit) is dropped, not a panic.
+type Filtered = slog::IgnoreResult<slog::LevelFilter<slog_async::Async>>;
+
+fn async_drain<D>(drain: D, level: Level) -> (Filtered, LogGuard)
 where
     D: Drain<Ok = (), Err = slog::Never> + Send + 'static,
 {
@@ -49,11 +53,9 @@ where
     let async_drain = slog_async::Async::new(drain)
         .chan_size(4096)
         .overflow_strategy(slog_async::OverflowStrategy::Block)
-        .build();
-    slog::LevelFilter::new(async_drain, level).fuse()
-}
-
-/// A logger that drops everything (tests and tools).
-pub fn discard() -> Logger {
-    Logger::root(slog::Discard, o!())
+        .build_with_guard();
+    (
+        slog::LevelFilter::new(async_drain.0, level).ignore_res(),
+        async_drain.1,
+    )
 }

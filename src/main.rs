@@ -11,7 +11,7 @@ use slog::{error, info};
 
 use downlink::settings::Settings;
 use downlink::store::db;
-use downlink::{logging, server};
+use downlink::{cli, logging, server};
 
 /// downlink: runs orchestrator tasks as ansible-playbook processes and records every result.
 #[derive(Parser)]
@@ -38,9 +38,12 @@ enum Command {
     Agents,
     /// List, show, watch and stop tasks through the HTTP API of a running agent.
     Tasks {
-        /// The agent's URL (default: DOWNLINK_SERVER, else the settings' bind on loopback).
-        #[arg(long, global = true, value_name = "URL")]
+        /// The agent's URL (default: the settings' bind on loopback).
+        #[arg(long, global = true, value_name = "URL", env = cli::SERVER_VAR)]
         server: Option<String>,
+        /// The bearer token (from the environment only: a command line is visible to every user).
+        #[arg(long, global = true, hide = true, env = cli::TOKEN_VAR, hide_env_values = true)]
+        token: Option<String>,
         /// A file whose first line is the bearer token (default: DOWNLINK_TOKEN).
         #[arg(long, global = true, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -86,7 +89,9 @@ fn main() -> ExitCode {
         println!("{}", downlink::api::auth::hash_token(token.trim()));
         return ExitCode::SUCCESS;
     }
-    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+    // The CLI's own DOWNLINK_* variables are clap's, not settings.
+    let env = std::env::vars().filter(|(name, _)| !cli::ENV_VARS.contains(&name.as_str()));
+    let settings = match Settings::load(cli.config.as_deref(), env) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("downlink: {e}");
@@ -95,13 +100,15 @@ fn main() -> ExitCode {
     };
     if let Command::Tasks {
         server,
+        token,
         token_file,
         ca_file,
         command,
     } = cli.command
     {
-        let target = downlink::cli::Target {
+        let target = cli::Target {
             server,
+            token,
             token_file,
             ca_file,
         };
@@ -113,7 +120,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let log = logging::root(&settings);
+    let (log, log_guard) = logging::root(&settings);
     let result = match cli.command {
         Command::Serve => serve(settings, &log),
         Command::Migrate => server::migrate_only(&settings, &log),
@@ -130,9 +137,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(log, "downlink stopped"; "error" => format!("{e:#}"));
-            // Let the async drain write the line before exiting.
+            // The guard waits for the logging thread to write the line before the exit.
             drop(log);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(log_guard);
             eprintln!("downlink: {e:#}");
             ExitCode::FAILURE
         }
@@ -169,10 +176,9 @@ fn agents(settings: &Settings) -> anyhow::Result<()> {
 /// `downlink tasks …`.
 fn tasks(
     settings: &Settings,
-    target: &downlink::cli::Target,
+    target: &cli::Target,
     command: TasksCommand,
 ) -> anyhow::Result<ExitCode> {
-    use downlink::cli;
     let client = cli::Client::new(settings, target)?;
     // Not locked for the whole command: `watch`'s display draws from a thread of its own.
     let mut out = std::io::stdout();

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// The defaults, compiled in so the binary runs from any directory.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -24,6 +24,81 @@ pub enum LogFormat {
     Json,
 }
 
+/// How much is logged, from the most severe only to everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Critical,
+    Error,
+    #[serde(alias = "warn")]
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// The SHA-256 of a bearer token, as `auth_token_hashes` holds it: 64 hex digits. The token
+/// itself is never configured, logged or stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl std::str::FromStr for TokenHash {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<TokenHash, String> {
+        let mut out = [0u8; 32];
+        // The text is not echoed: someone may have pasted the token itself by mistake.
+        hex::decode_to_slice(text.trim(), &mut out).map_err(|_| {
+            "auth token hashes must be 64 hex digits (SHA-256; see `downlink hash-token`)"
+                .to_owned()
+        })?;
+        Ok(TokenHash(out))
+    }
+}
+
+impl std::fmt::Display for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({self})")
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TokenHash, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A network of `allow_networks`: CIDR (`10.0.0.0/8`, `2001:db8::/32`) or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowedNetwork(pub ipnet::IpNet);
+
+impl std::str::FromStr for AllowedNetwork {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AllowedNetwork, String> {
+        let trimmed = text.trim();
+        trimmed
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| trimmed.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(AllowedNetwork)
+            .map_err(|_| format!("allow_networks: `{text}` is not an address or network"))
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowedNetwork {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AllowedNetwork, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Every setting of the server; see `config/default.toml` for what each one means.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,9 +108,9 @@ pub struct Settings {
     pub workers: usize,
     pub tls_cert_file: String,
     pub tls_key_file: String,
-    pub auth_token_hashes: Vec<String>,
+    pub auth_token_hashes: Vec<TokenHash>,
     pub auth_token_file: String,
-    pub allow_networks: Vec<String>,
+    pub allow_networks: Vec<AllowedNetwork>,
     pub allow_unauthenticated: bool,
     pub database_url: String,
     pub pool_size: u32,
@@ -94,7 +169,7 @@ pub struct Settings {
     pub stop_tasks_on_shutdown: bool,
     pub shutdown_timeout_secs: u64,
     pub log_format: LogFormat,
-    pub log_level: String,
+    pub log_level: LogLevel,
 }
 
 /// Why settings could not be loaded.
@@ -118,7 +193,8 @@ impl Settings {
         Self::load(None, std::iter::empty()).expect("compiled-in config/default.toml is valid")
     }
 
-    /// Defaults, then `file`, then the `DOWNLINK_*` variables among `env`.
+    /// Defaults, then `file`, then the `DOWNLINK_*` variables among `env`. Every `DOWNLINK_*`
+    /// variable given must name a setting: the caller leaves out variables of its own (the CLI's).
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -144,10 +220,6 @@ impl Settings {
             let Some(key) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            // The `downlink tasks` client's own variables, not settings.
-            if name == crate::cli::SERVER_VAR || name == crate::cli::TOKEN_VAR {
-                continue;
-            }
             let key = key.to_ascii_lowercase();
             let Some(current) = table.get(&key) else {
                 return Err(SettingsError::Invalid(format!(
@@ -226,8 +298,7 @@ impl Settings {
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return bad("tls_cert_file and tls_key_file go together: set both or neither");
         }
-        crate::api::auth::Access::from_settings(self)?;
-        crate::logging::parse_level(&self.log_level).map(|_| ())
+        Ok(())
     }
 
     /// The database URL actually used: the setting, or the embedded SQLite file.
@@ -362,6 +433,39 @@ mod tests {
         }
         let s = Settings::load(None, env(&[("DOWNLINK_AGENT_NAME", "dc1-agent_2.x")])).unwrap();
         assert_eq!(s.agent_name, "dc1-agent_2.x");
+    }
+
+    #[test]
+    fn typed_values_are_read_and_bad_ones_named() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("DOWNLINK_ALLOW_NETWORKS", "[\"10.0.0.0/8\", \"::1\"]"),
+                ("DOWNLINK_LOG_LEVEL", "warn"),
+                (
+                    "DOWNLINK_AUTH_TOKEN_HASHES",
+                    &format!("[\"{}\"]", "ab".repeat(32)),
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.allow_networks[0].0.to_string(), "10.0.0.0/8");
+        assert_eq!(s.allow_networks[1].0.to_string(), "::1/128");
+        assert_eq!(s.log_level, LogLevel::Warning);
+        assert_eq!(s.auth_token_hashes[0].0, [0xab; 32]);
+        let bad = |k: &str, v: &str| {
+            Settings::load(None, env(&[(k, v)]))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("DOWNLINK_ALLOW_NETWORKS", "[\"10.0.0.0/33\"]")
+            .contains("not an address or network"));
+        assert!(bad("DOWNLINK_LOG_LEVEL", "loud").contains("unknown variant `loud`"));
+        let err = bad("DOWNLINK_AUTH_TOKEN_HASHES", "[\"s3cret-token\"]");
+        assert!(
+            err.contains("64 hex digits") && !err.contains("s3cret"),
+            "{err}"
+        );
     }
 
     #[test]

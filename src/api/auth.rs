@@ -8,72 +8,18 @@
 use std::net::{IpAddr, SocketAddr};
 
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
-use crate::settings::{Settings, SettingsError};
+use crate::settings::{AllowedNetwork, Settings, TokenHash};
 
 /// Paths anyone may call (load balancers, systemd).
 pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz"];
 
-/// A network of the allow-list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Network {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Network {
-    /// Reads `10.0.0.0/8`, `2001:db8::/32` or a single address.
-    pub fn parse(text: &str) -> Result<Network, String> {
-        let (addr, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{text}` is not an address or network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{text}` has a bad prefix length"))?,
-            None => max,
-        };
-        Ok(Network { addr, prefix })
-    }
-
-    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        let (a, b, bits) = match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(i)) => (
-                u128::from(u32::from(n)) << 96,
-                u128::from(u32::from(i)) << 96,
-                self.prefix,
-            ),
-            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), self.prefix),
-            _ => return false,
-        };
-        let mask = if bits == 0 {
-            0
-        } else {
-            u128::MAX << (128 - u32::from(bits))
-        };
-        a & mask == b & mask
-    }
-}
-
 /// The access rules in force.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
-    token_hashes: Vec<[u8; 32]>,
-    networks: Vec<Network>,
+    token_hashes: Vec<TokenHash>,
+    networks: Vec<AllowedNetwork>,
 }
 
 /// Why a call was refused.
@@ -85,62 +31,77 @@ pub enum Refusal {
     Network,
 }
 
-/// SHA-256 of a token as lowercase hex, as the settings hold it.
-pub fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Why the access rules could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read auth_token_file {path}: {source}")]
+    ReadTokenFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("auth_token_file {path}, line {line}: {message}")]
+    BadTokenFileLine {
+        path: String,
+        line: usize,
+        message: String,
+    },
 }
 
-fn parse_hash(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+/// SHA-256 of a token, as the settings hold it (shown as 64 hex digits).
+pub fn hash_token(token: &str) -> TokenHash {
+    TokenHash(Sha256::digest(token.as_bytes()).into())
+}
+
+/// Whether `ip` is in `net`; an IPv4-mapped IPv6 address counts as its IPv4 address.
+fn contains(net: &AllowedNetwork, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    net.0.contains(&ip)
+}
+
+/// The token of an `Authorization` header value: the `Bearer` scheme, in any case (RFC 7235
+/// makes the scheme case-insensitive), then the token.
+fn bearer(value: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 impl Access {
     /// The rules of the settings: `auth_token_hashes`, the hashes in `auth_token_file` (one per
     /// line, `#` comments) and `allow_networks`.
-    pub fn from_settings(s: &Settings) -> Result<Access, SettingsError> {
-        let bad = |m: String| SettingsError::Invalid(m);
-        let mut hashes: Vec<String> = s.auth_token_hashes.clone();
+    pub fn from_settings(s: &Settings) -> Result<Access, AuthError> {
+        let mut token_hashes = s.auth_token_hashes.clone();
         if !s.auth_token_file.is_empty() {
-            let text = std::fs::read_to_string(&s.auth_token_file).map_err(|e| {
-                bad(format!(
-                    "cannot read auth_token_file {}: {e}",
-                    s.auth_token_file
-                ))
-            })?;
-            hashes.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_owned),
-            );
+            let path = s.auth_token_file.clone();
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| AuthError::ReadTokenFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            for (i, line) in text.lines().enumerate() {
+                let line_text = line.trim();
+                if line_text.is_empty() || line_text.starts_with('#') {
+                    continue;
+                }
+                let hash = line_text.parse::<TokenHash>().map_err(|message| {
+                    AuthError::BadTokenFileLine {
+                        path: path.clone(),
+                        line: i + 1,
+                        message,
+                    }
+                })?;
+                token_hashes.push(hash);
+            }
         }
-        let token_hashes = hashes
-            .iter()
-            .map(|h| {
-                parse_hash(h).ok_or_else(|| {
-                    bad("auth token hashes must be 64 hex digits (SHA-256; see `downlink hash-token`)".into())
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let networks = s
-            .allow_networks
-            .iter()
-            .map(|n| Network::parse(n).map_err(|e| bad(format!("allow_networks: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Access {
             token_hashes,
-            networks,
+            networks: s.allow_networks.clone(),
         })
     }
 
@@ -152,28 +113,22 @@ impl Access {
     /// Checks a call from `peer` with this `Authorization` header value.
     pub fn check(&self, peer: Option<IpAddr>, authorization: Option<&[u8]>) -> Result<(), Refusal> {
         if !self.networks.is_empty() {
-            let inside = peer.is_some_and(|ip| self.networks.iter().any(|n| n.contains(ip)));
+            let inside = peer.is_some_and(|ip| self.networks.iter().any(|n| contains(n, ip)));
             if !inside {
                 return Err(Refusal::Network);
             }
         }
         if !self.token_hashes.is_empty() {
-            let token = authorization
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim)
-                .ok_or(Refusal::Token)?;
-            let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            // Every stored hash is compared in full, whatever matched before.
-            let mut matched = 0u8;
-            for stored in &self.token_hashes {
-                let diff = stored
-                    .iter()
-                    .zip(presented.iter())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-                matched |= u8::from(diff == 0);
-            }
-            if matched == 0 {
+            let token = authorization.and_then(bearer).ok_or(Refusal::Token)?;
+            let presented = hash_token(token);
+            // Every stored hash is compared in full and in constant time, whatever matched before.
+            let matched = self
+                .token_hashes
+                .iter()
+                .fold(subtle::Choice::from(0), |acc, stored| {
+                    acc | stored.0.ct_eq(&presented.0)
+                });
+            if !bool::from(matched) {
                 return Err(Refusal::Token);
             }
         }
@@ -208,24 +163,24 @@ mod tests {
     fn access(tokens: &[&str], nets: &[&str]) -> Access {
         let mut s = Settings::defaults();
         s.auth_token_hashes = tokens.iter().map(|t| hash_token(t)).collect();
-        s.allow_networks = nets.iter().map(|n| n.to_string()).collect();
+        s.allow_networks = nets.iter().map(|n| n.parse().unwrap()).collect();
         Access::from_settings(&s).unwrap()
+    }
+
+    fn net(text: &str) -> AllowedNetwork {
+        text.parse().unwrap()
     }
 
     #[test]
     fn networks_match_by_prefix() {
-        let n = Network::parse("10.1.0.0/16").unwrap();
-        assert!(n.contains("10.1.200.3".parse().unwrap()));
-        assert!(!n.contains("10.2.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
-        assert!(Network::parse("0.0.0.0/0")
-            .unwrap()
-            .contains("8.8.8.8".parse().unwrap()));
-        assert!(Network::parse("::1")
-            .unwrap()
-            .contains("::1".parse().unwrap()));
-        assert!(Network::parse("10.0.0.0/33").is_err());
-        assert!(Network::parse("nope").is_err());
+        let n = net("10.1.0.0/16");
+        assert!(contains(&n, "10.1.200.3".parse().unwrap()));
+        assert!(!contains(&n, "10.2.0.1".parse().unwrap()));
+        assert!(contains(&n, "::ffff:10.1.0.9".parse().unwrap()));
+        assert!(contains(&net("0.0.0.0/0"), "8.8.8.8".parse().unwrap()));
+        assert!(contains(&net("::1"), "::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<AllowedNetwork>().is_err());
+        assert!("nope".parse::<AllowedNetwork>().is_err());
     }
 
     #[test]
@@ -236,10 +191,21 @@ mod tests {
         assert_eq!(a.check(local, Some(b"Bearer other")), Ok(()));
         assert_eq!(a.check(local, Some(b"Bearer wrong")), Err(Refusal::Token));
         assert_eq!(a.check(local, Some(b"s3cret")), Err(Refusal::Token));
+        assert_eq!(a.check(local, Some(b"Bearer ")), Err(Refusal::Token));
         assert_eq!(a.check(local, None), Err(Refusal::Token));
         let far = Some("10.0.0.1".parse().unwrap());
         assert_eq!(a.check(far, Some(b"Bearer s3cret")), Err(Refusal::Network));
         assert_eq!(Access::default().check(far, None), Ok(()));
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_is_not() {
+        let a = access(&["s3cret"], &[]);
+        for header in [&b"bearer s3cret"[..], b"BEARER s3cret", b"BeArEr s3cret"] {
+            assert_eq!(a.check(None, Some(header)), Ok(()));
+        }
+        assert_eq!(a.check(None, Some(b"Bearer S3CRET")), Err(Refusal::Token));
+        assert_eq!(a.check(None, Some(b"Basic s3cret")), Err(Refusal::Token));
     }
 
     #[test]
@@ -258,9 +224,21 @@ mod tests {
     }
 
     #[test]
-    fn bad_hashes_are_refused() {
+    fn a_bad_line_of_the_token_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("dl-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        let good = hash_token("a").to_string();
+        std::fs::write(&path, format!("# orchestrator\n{good}\nnot-a-hash\n")).unwrap();
         let mut s = Settings::defaults();
-        s.auth_token_hashes = vec!["abc".into()];
-        assert!(Access::from_settings(&s).is_err());
+        s.auth_token_file = path.display().to_string();
+        let err = Access::from_settings(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("line 3") && err.contains("64 hex digits"),
+            "{err}"
+        );
+        std::fs::write(&path, format!("{good}\n")).unwrap();
+        assert!(Access::from_settings(&s).unwrap().is_configured());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

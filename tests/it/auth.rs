@@ -66,12 +66,15 @@ fn bearer_tokens_are_required_when_configured() {
 #[test]
 fn the_allow_list_admits_only_its_networks() {
     let inside = TestServer::start_with(Backend::Sqlite, |s| {
-        s.allow_networks = vec!["127.0.0.0/8".into()]
+        s.allow_networks = vec!["127.0.0.0/8".parse().unwrap()]
     });
     let check = json!({"id": 1, "name": "x"}).to_string();
     assert_eq!(inside.post("/api/check", &check), (200, NOT_FOUND.into()));
     let outside = TestServer::start_with(Backend::Sqlite, |s| {
-        s.allow_networks = vec!["10.0.0.0/8".into(), "2001:db8::/32".into()];
+        s.allow_networks = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
     });
     assert_eq!(
         outside.post("/api/check", &check),

@@ -87,7 +87,7 @@ pub fn test_settings(dir: &Path) -> Settings {
     s.agent_name = unique("test-agent");
     s.stop_grace_secs = 5;
     s.workers = 2;
-    s.log_level = "warning".into();
+    s.log_level = downlink::settings::LogLevel::Warning;
     s
 }
 
@@ -264,6 +264,7 @@ pub struct TestServer {
     server: Option<Spawned>,
     _db: TestDb,
     pub dir: TempDir,
+    _log_guard: downlink::logging::LogGuard,
 }
 
 impl TestServer {
@@ -277,7 +278,7 @@ impl TestServer {
         let mut settings = test_settings(&dir.0);
         settings.database_url = db.url.clone();
         tweak(&mut settings);
-        let log = downlink::logging::root(&settings);
+        let (log, log_guard) = downlink::logging::root(&settings);
         let server = server::spawn(settings.clone(), log).expect("server starts");
         TestServer {
             base: format!("http://{}", server.addr),
@@ -286,6 +287,7 @@ impl TestServer {
             server: Some(server),
             _db: db,
             dir,
+            _log_guard: log_guard,
         }
     }
 
