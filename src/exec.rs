@@ -13,6 +13,7 @@
 pub mod procs;
 
 pub mod cgroup;
+pub mod command;
 pub mod connections;
 pub mod remote;
 pub mod spawn;

@@ -16,7 +16,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::status::Status;
-use crate::store::{Finish, NewEvent};
 
 /// The `Content-Type` of the answer.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -225,31 +224,25 @@ impl Metrics {
         m
     }
 
-    /// A task's end has been committed.
-    pub fn finished(&self, fin: &Finish) {
+    /// A task's end has been committed: its status and its hosts' results.
+    pub fn finished<'a>(&self, status: Status, results: impl IntoIterator<Item = &'a str>) {
         self.finished
             .get_or_create(&StatusLabel {
-                status: fin.status.name(),
+                status: status.name(),
             })
             .inc();
-        for host in &fin.hosts {
-            if let Some(result) = &host.result {
-                self.host_results
-                    .get_or_create(&ResultLabel {
-                        result: result.clone(),
-                    })
-                    .inc();
-            }
+        for result in results {
+            self.host_results
+                .get_or_create(&ResultLabel {
+                    result: result.to_owned(),
+                })
+                .inc();
         }
     }
 
-    /// Events have been committed.
-    pub fn events(&self, events: &[NewEvent]) {
-        self.events_stored.inc_by(events.len() as u64);
-        let truncated = events
-            .iter()
-            .filter(|e| e.kind == "events_truncated")
-            .count();
+    /// Events have been committed: how many, and how many of them were truncation markers.
+    pub fn events(&self, stored: usize, truncated: usize) {
+        self.events_stored.inc_by(stored as u64);
         if truncated > 0 {
             self.events_truncated.inc_by(truncated as u64);
         }

@@ -84,7 +84,7 @@ pub struct Prepared {
     pub run_root: PathBuf,
     pub recover: Recover,
     pub tracking: Tracking,
-    pub run_as: Option<rundir::RunAs>,
+    pub run_as: Option<crate::exec::command::RunAs>,
 }
 
 /// `downlink migrate`: applies pending migrations over one connection and nothing else.
@@ -151,15 +151,18 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
             "cannot become a child subreaper: killed task processes are left to init to reap"
         );
     }
-    let run_as = rundir::run_as(&settings).context("run_as_user")?;
+    let run_as = crate::exec::command::run_as(&settings).context("run_as_user")?;
     if let Some(r) = &run_as {
         if !nix::unistd::geteuid().is_root() {
             warn!(log, "run_as_user is set but downlink is not root: starting tasks will fail unless it has CAP_SETUID and CAP_SETGID"; "run_as_user" => &r.name);
         }
     }
     let agent_dir = settings.run_dir.join(&settings.agent_name);
-    let run_root = rundir::install(&agent_dir, run_as.as_ref())
-        .with_context(|| format!("preparing run directory {}", agent_dir.display()))?;
+    let run_root = rundir::install(
+        &agent_dir,
+        run_as.as_ref().map(crate::exec::command::RunAs::owner),
+    )
+    .with_context(|| format!("preparing run directory {}", agent_dir.display()))?;
     let plan = recovery::plan(
         &mut conn,
         &settings.agent_name,
@@ -303,11 +306,11 @@ pub async fn run(
             let llog = log.new(slog::o!("part" => "shared-queue"));
             Some(actix_web::rt::spawn(readers.listen(
                 &[
-                    crate::cluster::claim::CHANNEL,
-                    crate::cluster::claim::STOP_CHANNEL,
+                    crate::store::notify::QUEUE_CHANNEL,
+                    crate::store::notify::STOP_CHANNEL,
                 ],
                 move |channel| {
-                    if channel == crate::cluster::claim::STOP_CHANNEL {
+                    if channel == crate::store::notify::STOP_CHANNEL {
                         to.do_send(crate::supervisor::CheckStops);
                     } else {
                         to.do_send(crate::supervisor::Claim);

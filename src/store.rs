@@ -4,6 +4,7 @@
 
 pub mod clean;
 pub mod db;
+pub mod notify;
 pub mod persistence;
 pub mod readers;
 pub mod retention;

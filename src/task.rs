@@ -36,6 +36,7 @@ use crate::ansible::events::{parse_line, Ending, Event, Hosts};
 use crate::ansible::rundir::{self, Job, RunDir};
 use crate::ansible::tail::{self, Chunk, EventTail, Piece};
 use crate::exec::cgroup::TaskCgroup;
+use crate::exec::command::{self, RunAs};
 use crate::exec::connections::{self, Acquire};
 use crate::exec::procs;
 use crate::exec::remote::{self, Cleaned};
@@ -832,9 +833,11 @@ impl TaskActor {
                     content: &spec.content,
                     params: &spec.params,
                 };
-                let prepared = rundir::prepare(&settings, &dir, &job, &mark).and_then(|run_as| {
+                let prepared = command::run_as(&settings).and_then(|run_as| {
+                    let owner = run_as.as_ref().map(RunAs::owner);
+                    rundir::prepare(&settings, &dir, &job, &mark, owner)?;
                     let cgroup = cgroups.map(|c| c.task(spec.id)).transpose()?;
-                    let cmd = rundir::command(
+                    let cmd = command::command(
                         &settings,
                         &root,
                         &dir,

@@ -1,4 +1,5 @@
-//! A task's run directory and the `ansible-playbook` command that runs in it.
+//! A task's run directory: the files `ansible-playbook` runs on (its command line is
+//! `exec::command`'s).
 //!
 //! ```text
 //! <root> = <run_dir>/<agent_name>: the agent's own run-directory root
@@ -21,15 +22,13 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 
-use crate::exec::spawn::Spawn;
-use nix::unistd::{chown, Gid, Group, Uid, User};
+use nix::unistd::{chown, Gid, Uid};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
 use super::playbook::{classify, Shape, TASK_LIST_WRAPPER};
-use super::{CALLBACK_NAME, CALLBACK_PLUGIN, TASK_MARK_VAR};
-use crate::exec::cgroup::TaskCgroup;
+use super::{CALLBACK_NAME, CALLBACK_PLUGIN};
 use crate::settings::Settings;
 
 /// Files of one task's run directory.
@@ -77,42 +76,11 @@ impl RunDir {
     }
 }
 
-/// The OS user `ansible-playbook` runs as (setting `run_as_user`).
-#[derive(Debug, Clone)]
-pub struct RunAs {
-    pub name: String,
-    pub uid: Uid,
-    pub gid: Gid,
-    pub home: PathBuf,
-}
-
-/// Resolves `run_as_user` and `run_as_group`; `None` when unset.
-pub fn run_as(settings: &Settings) -> io::Result<Option<RunAs>> {
-    if settings.run_as_user.is_empty() {
-        return Ok(None);
-    }
-    let missing = |what: &str, name: &str| io::Error::other(format!("no such {what}: {name}"));
-    let user = User::from_name(&settings.run_as_user)
-        .map_err(io::Error::from)?
-        .ok_or_else(|| missing("user", &settings.run_as_user))?;
-    let gid = if settings.run_as_group.is_empty() {
-        user.gid
-    } else {
-        Group::from_name(&settings.run_as_group)
-            .map_err(io::Error::from)?
-            .ok_or_else(|| missing("group", &settings.run_as_group))?
-            .gid
-    };
-    Ok(Some(RunAs {
-        name: user.name,
-        uid: user.uid,
-        gid,
-        home: user.dir,
-    }))
-}
+/// Who owns a run directory when `ansible-playbook` runs as another user (`run_as_user`).
+pub type Owner = (Uid, Gid);
 
 /// Makes the run-directory root absolute and writes the callback plugin into it.
-pub fn install(root: &Path, run_as: Option<&RunAs>) -> io::Result<PathBuf> {
+pub fn install(root: &Path, owner: Option<Owner>) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let root = root.canonicalize()?;
     let plugins = root.join(".plugins");
@@ -122,10 +90,10 @@ pub fn install(root: &Path, run_as: Option<&RunAs>) -> io::Result<PathBuf> {
     fs::create_dir_all(&cp)?;
     fs::set_permissions(&cp, fs::Permissions::from_mode(0o700))?;
     fs::write(plugins.join(format!("{CALLBACK_NAME}.py")), CALLBACK_PLUGIN)?;
-    if let Some(r) = run_as {
+    if let Some((uid, gid)) = owner {
         // ansible's home (caches, collections) and the control sockets must be the playbook user's.
-        chown(&root.join(".ansible"), Some(r.uid), Some(r.gid)).map_err(io::Error::from)?;
-        chown(&cp, Some(r.uid), Some(r.gid)).map_err(io::Error::from)?;
+        chown(&root.join(".ansible"), Some(uid), Some(gid)).map_err(io::Error::from)?;
+        chown(&cp, Some(uid), Some(gid)).map_err(io::Error::from)?;
     }
     Ok(root)
 }
@@ -144,15 +112,15 @@ pub struct Job<'a> {
     pub params: &'a Map<String, Value>,
 }
 
-/// Writes the run directory of a task (replacing any left from an earlier database), owned by the
-/// `run_as` user if there is one; that user, resolved.
+/// Writes the run directory of a task (replacing any left from an earlier database), owned by
+/// `owner` if there is one.
 pub fn prepare(
     settings: &Settings,
     dir: &RunDir,
     job: &Job<'_>,
     mark: &str,
-) -> io::Result<Option<RunAs>> {
-    let run_as = run_as(settings)?;
+    owner: Option<Owner>,
+) -> io::Result<()> {
     if dir.path.exists() {
         fs::remove_dir_all(&dir.path)?;
     }
@@ -181,8 +149,8 @@ pub fn prepare(
         .append(true)
         .open(dir.output())?;
     // The run directory holds the extra vars (often secrets): owner only.
-    let owner = |path: &Path| match &run_as {
-        Some(r) => chown(path, Some(r.uid), Some(r.gid)).map_err(io::Error::from),
+    let owner = |path: &Path| match owner {
+        Some((uid, gid)) => chown(path, Some(uid), Some(gid)).map_err(io::Error::from),
         None => Ok(()),
     };
     for entry in fs::read_dir(&dir.path)? {
@@ -197,7 +165,7 @@ pub fn prepare(
     }
     fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o700))?;
     owner(&dir.path)?;
-    Ok(run_as)
+    Ok(())
 }
 
 /// `ansible.cfg` in the run directory (ansible reads the working directory's before `~/.ansible.cfg`
@@ -235,74 +203,6 @@ pub fn inventory(settings: &Settings, nodes: &[String], user: &str) -> Value {
         );
     }
     json!({ "all": { "hosts": hosts, "vars": vars } })
-}
-
-/// The `ansible-playbook` command of a task: its own session (so its whole process group can be
-/// signalled and it does not depend on the server's terminal), a clean environment (the server's
-/// own variables, database URL included, never reach a playbook), output into `output.log`.
-pub fn command(
-    settings: &Settings,
-    root: &Path,
-    dir: &RunDir,
-    forks: u32,
-    run_as: Option<&RunAs>,
-    cgroup: Option<&TaskCgroup>,
-    mark: &str,
-) -> io::Result<Spawn> {
-    let output = fs::OpenOptions::new().append(true).open(dir.output())?;
-    let mut cmd = Spawn::new(&settings.ansible_playbook);
-    cmd.current_dir(&dir.path)
-        .arg("-i")
-        .arg("inventory.yml")
-        .arg("--forks")
-        .arg(forks.to_string())
-        .arg("-e")
-        .arg("@extra_vars.json")
-        .arg("playbook.yml")
-        .output(output);
-    for var in ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK"] {
-        if let Ok(v) = std::env::var(var) {
-            cmd.env(var, v);
-        }
-    }
-    cmd.env("LANG", "C.UTF-8").env("LC_ALL", "C.UTF-8");
-    if let Some(r) = run_as {
-        cmd.env("HOME", &r.home)
-            .env("USER", &r.name)
-            .env("LOGNAME", &r.name);
-    }
-    // A task's ssh uses the agent's master when there is one and never starts its own
-    // (exec::connections); ControlPersist is named only so that ansible adds its ControlPath.
-    // An ANSIBLE_SSH_ARGS in ansible_env replaces this.
-    cmd.env(
-        "ANSIBLE_SSH_ARGS",
-        "-C -o ControlMaster=no -o ControlPersist=60s",
-    );
-    cmd.envs(&settings.ansible_env);
-    let path = |p: PathBuf| p.to_string_lossy().into_owned();
-    cmd.env("ANSIBLE_CALLBACK_PLUGINS", path(root.join(".plugins")))
-        .env("ANSIBLE_CALLBACKS_ENABLED", CALLBACK_NAME)
-        .env("ANSIBLE_HOME", path(root.join(".ansible")))
-        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", path(control_dir(root)))
-        .env("DOWNLINK_REMOTE_MARK", mark)
-        .env("ANSIBLE_LOCAL_TEMP", path(dir.path.join("tmp")))
-        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
-        .env("ANSIBLE_NOCOLOR", "1")
-        .env("DOWNLINK_EVENTS_FILE", path(dir.events()))
-        .env(
-            "DOWNLINK_EVENTS_MAX_BYTES",
-            settings.max_events_file_bytes.to_string(),
-        )
-        .env(TASK_MARK_VAR, dir.mark());
-    // In the child, before exec: a session of its own, the task's cgroup (joined while still
-    // privileged), then the run_as user (exec::spawn).
-    if let Some(cg) = cgroup {
-        cmd.join(cg.join_files());
-    }
-    if let Some(r) = run_as {
-        cmd.run_as(r.uid.as_raw(), r.gid.as_raw());
-    }
-    Ok(cmd)
 }
 
 /// Bytes of the end of `output.log` searched for ansible's error line.

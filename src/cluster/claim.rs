@@ -14,13 +14,10 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable};
 
 use crate::store::db::DbConnection;
+use crate::store::notify::STOP_CHANNEL;
 use crate::store::schema::tasks;
 use crate::store::{StoreError, Task};
 
-/// The channel of the wake-ups.
-pub const CHANNEL: &str = "downlink_queue";
-/// The channel of stops asked through an agent that does not run the task.
-pub const STOP_CHANNEL: &str = "downlink_stop";
 /// The advisory lock every claim takes (`"dlqu"`).
 const CLAIM_LOCK: i64 = 0x646c_7175;
 
@@ -118,14 +115,6 @@ pub fn claim_head(
         head.agent = Some(agent.to_owned());
         Ok(Some(head))
     })
-}
-
-/// `NOTIFY downlink_queue` in the current transaction (PostgreSQL; nothing on SQLite).
-pub fn notify(conn: &mut DbConnection) -> Result<(), StoreError> {
-    if let DbConnection::Pg(pg) = conn {
-        diesel::sql_query(format!("NOTIFY {CHANNEL}")).execute(pg)?;
-    }
-    Ok(())
 }
 
 /// Where a pending task stands in the shared queue: unclaimed tasks before it.

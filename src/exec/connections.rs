@@ -22,7 +22,7 @@ use actix::prelude::*;
 use sha1::{Digest, Sha1};
 use slog::{debug, info, warn, Logger};
 
-use crate::ansible::rundir::RunAs;
+use crate::exec::command::RunAs;
 use crate::settings::Settings;
 
 /// How long a task waits for masters started for it before it starts anyway.

@@ -134,7 +134,7 @@ async fn clean_one(node: &Node, mark: &str, limit: Duration) -> Cleaned {
                 .rev()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("no output");
-            Cleaned::Failed(crate::task::verdict::one_line(why, 200))
+            Cleaned::Failed(crate::store::clean::one_line(why, 200))
         }
     }
 }

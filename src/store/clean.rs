@@ -142,6 +142,16 @@ pub fn repair_json_escapes(json: &str) -> Option<String> {
     Some(out)
 }
 
+/// `s` on one line (runs of white space folded), at most `max` characters.
+pub fn one_line(s: &str, max: usize) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(max)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -184,8 +184,16 @@ impl Persistence {
         };
         self.metrics.write_queue(self.queue.len());
         match (&done.write, &result) {
-            (Write::Progress(p), Ok(_)) => self.metrics.events(&p.events),
-            (Write::Finish(f), Ok(true)) => self.metrics.finished(f),
+            (Write::Progress(p), Ok(_)) => self.metrics.events(
+                p.events.len(),
+                p.events
+                    .iter()
+                    .filter(|e| e.kind == "events_truncated")
+                    .count(),
+            ),
+            (Write::Finish(f), Ok(true)) => self
+                .metrics
+                .finished(f.status, f.hosts.iter().filter_map(|h| h.result.as_deref())),
             _ => {}
         }
         if matches!(done.write, Write::Progress(_) | Write::Finish(_)) {
@@ -441,7 +449,7 @@ fn run(c: &mut DbConnection, write: &Write, notify: bool) -> Result<bool, StoreE
             let ended = store::finish(c, f)?;
             if ended && notify {
                 // In the batch's transaction (sent at its commit), else right after the end's.
-                crate::cluster::claim::notify(c)?;
+                crate::store::notify::queue(c)?;
             }
             Ok(ended)
         }
@@ -648,7 +656,7 @@ impl Handler<InsertTask> for Persistence {
                 if msg.0.agent.is_none() {
                     // Unclaimed: wake every agent of the shared queue (a lost one is covered by
                     // their claims every second).
-                    let _ = crate::cluster::claim::notify(&mut conn);
+                    let _ = crate::store::notify::queue(&mut conn);
                 }
                 Ok(id)
             })

@@ -3,6 +3,7 @@
 
 use super::super::ansible::events::{Ending, Hosts};
 use crate::status::Status;
+use crate::store::clean::one_line;
 
 /// Failed hosts named in `err`; the rest are counted ("and N more").
 pub const MAX_HOSTS_IN_ERR: usize = 20;
@@ -116,16 +117,6 @@ fn judge(
         (None, None, why) => why.unwrap_or_else(|| "ansible-playbook failed".into()),
     };
     (Status::Failed, Some(err))
-}
-
-/// `s` on one line (runs of white space folded), at most `max` characters.
-pub fn one_line(s: &str, max: usize) -> String {
-    s.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(max)
-        .collect()
 }
 
 #[cfg(test)]
