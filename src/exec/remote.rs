@@ -63,18 +63,15 @@ pub enum Cleaned {
 /// A task's mark: unique to it among all agents and runs.
 pub fn new_mark(agent: &str, task_id: i64) -> String {
     let mut bytes = [0u8; 8];
-    let random = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .is_ok();
-    if !random {
+    if getrandom::fill(&mut bytes).is_err() {
+        // Unique enough without the generator: the clock and this process.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         bytes = (nanos as u64 ^ u64::from(std::process::id())).to_le_bytes();
     }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{agent}-{task_id}-{hex}")
+    format!("{agent}-{task_id}-{}", hex::encode(bytes))
 }
 
 /// The ssh command line for `node`, ending with the remote command words.
