@@ -99,6 +99,11 @@ impl<'de> Deserialize<'de> for AllowedNetwork {
     }
 }
 
+/// The longest any duration setting may be: a year.
+pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
+
+const MAX_RETENTION_DAYS: u32 = 36_500;
+
 /// Every setting of the server; see `config/default.toml` for what each one means.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -298,7 +303,49 @@ impl Settings {
         if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
             return bad("tls_cert_file and tls_key_file go together: set both or neither");
         }
+        if shlex::split(&self.ssh_common_args).is_none() {
+            return bad("ssh_common_args has an unclosed quote or a trailing backslash");
+        }
+        for (name, secs) in self.durations() {
+            if secs > MAX_DURATION_SECS {
+                return Err(SettingsError::Invalid(format!(
+                    "{name} must be at most {MAX_DURATION_SECS} (a year)"
+                )));
+            }
+        }
+        if self.retention_days > MAX_RETENTION_DAYS {
+            return bad("retention_days must be at most 36500 (a hundred years)");
+        }
         Ok(())
+    }
+
+    /// Every duration setting, by name: each one is added to clocks and multiplied, so each is
+    /// bounded (a year) here rather than overflowing where it is used.
+    fn durations(&self) -> [(&'static str, u64); 14] {
+        [
+            ("task_time_limit_secs", self.task_time_limit_secs),
+            ("stop_grace_secs", self.stop_grace_secs),
+            ("ssh_idle_secs", self.ssh_idle_secs),
+            ("remote_cleanup_secs", self.remote_cleanup_secs),
+            ("parallel_run_timeout_secs", self.parallel_run_timeout_secs),
+            ("client_timeout_secs", self.client_timeout_secs),
+            ("heartbeat_secs", self.heartbeat_secs),
+            (
+                "event_stream_keepalive_secs",
+                self.event_stream_keepalive_secs,
+            ),
+            ("retention_check_secs", self.retention_check_secs),
+            ("lost_agent_grace_secs", self.lost_agent_grace_secs),
+            ("db_retry_secs", self.db_retry_secs),
+            ("db_statement_timeout_secs", self.db_statement_timeout_secs),
+            ("reconcile_secs", self.reconcile_secs),
+            ("shutdown_timeout_secs", self.shutdown_timeout_secs),
+        ]
+    }
+
+    /// How often the agent's heartbeat is written (at least a second).
+    pub fn heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_secs.max(1))
     }
 
     /// The database URL actually used: the setting, or the embedded SQLite file.
@@ -472,5 +519,26 @@ mod tests {
     fn wrong_type_is_rejected() {
         let err = Settings::load(None, env(&[("DOWNLINK_MAX_FORKS", "many")])).unwrap_err();
         assert!(err.to_string().contains("DOWNLINK_MAX_FORKS"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_bounded_by_name() {
+        let huge = i64::MAX.to_string();
+        for key in [
+            "DOWNLINK_HEARTBEAT_SECS",
+            "DOWNLINK_STOP_GRACE_SECS",
+            "DOWNLINK_RETENTION_CHECK_SECS",
+        ] {
+            let err = Settings::load(None, env(&[(key, &huge)]))
+                .unwrap_err()
+                .to_string();
+            let name = key.trim_start_matches("DOWNLINK_").to_lowercase();
+            assert!(
+                err.contains(&format!("{name} must be at most 31536000")),
+                "{err}"
+            );
+        }
+        let year = MAX_DURATION_SECS.to_string();
+        assert!(Settings::load(None, env(&[("DOWNLINK_HEARTBEAT_SECS", &year)])).is_ok());
     }
 }

@@ -13,6 +13,9 @@ pub enum Status {
 }
 
 impl Status {
+    /// The codes of a task that has not ended: pending or running.
+    pub const LIVE: [i32; 2] = [Status::Pending as i32, Status::Running as i32];
+
     /// The code stored in `tasks.status`.
     pub fn code(self) -> i32 {
         self as i32
@@ -57,9 +60,11 @@ impl Status {
     pub fn predecessors(self) -> &'static [i32] {
         match self {
             Status::Pending => &[],
-            Status::Running => &[1],
+            Status::Running => &[Status::Pending as i32],
             Status::Success => &[2],
-            Status::Failed | Status::Stopped | Status::Timeout | Status::Interrupted => &[1, 2],
+            Status::Failed | Status::Stopped | Status::Timeout | Status::Interrupted => {
+                &Status::LIVE
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ use end_file::HashMapCleaned;
 pub use end_file::{read_end_file, EndFile};
 use guard::Guard;
 use ingest::Ingest;
-pub use spec::{timeout_err, Origin, TaskReport, TaskSpec};
+pub use spec::{end_without_run, timeout_err, Origin, TaskReport, TaskSpec};
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

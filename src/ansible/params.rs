@@ -47,55 +47,10 @@ fn is_var_name(key: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Splits on white space, honouring single and double quotes (and backslash escapes inside double
-/// quotes), as Ansible's `key=value` syntax does.
+/// Splits as a POSIX shell would (shlex): white space separates words, single and double quotes
+/// group them, a backslash escapes the next character outside single quotes.
 fn split_words(text: &str) -> Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => word.push(c),
-                        None => return Err("has an unclosed quote".to_owned()),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c) => word.push(c),
-                            None => return Err("has an unclosed quote".to_owned()),
-                        },
-                        Some(c) => word.push(c),
-                        None => return Err("has an unclosed quote".to_owned()),
-                    }
-                }
-            }
-            c => {
-                in_word = true;
-                word.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    Ok(words)
+    shlex::split(text).ok_or_else(|| "has an unclosed quote or a trailing backslash".to_owned())
 }
 
 #[cfg(test)]
@@ -115,6 +70,11 @@ mod tests {
             Value::Object(kv),
             json!({"a": "1", "b": "two words", "c": "x\"y", "d": ""})
         );
+        let escaped = parse(&json!(r"path=C:\\dir\ x q='a\b'")).unwrap();
+        assert_eq!(
+            Value::Object(escaped),
+            json!({"path": "C:\\dir x", "q": "a\\b"})
+        );
         assert!(parse(&json!("")).unwrap().is_empty());
         assert!(parse(&json!("  ")).unwrap().is_empty());
     }
@@ -127,6 +87,7 @@ mod tests {
             json!("novalue"),
             json!("1a=2"),
             json!("a='open"),
+            json!("a=trailing\\"),
             json!(5),
             json!(null),
             json!(["a=1"]),

@@ -102,7 +102,18 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
     let (task, hosts) = find(&state, &log, id, name).await?;
     let pending = task.status == crate::status::Status::Pending.code();
     let place = match (pending, state.settings.shared_queue) {
-        (true, false) => state.supervisor.send(WhereInQueue(id)).await.ok().flatten(),
+        (true, false) => Some(
+            state
+                .supervisor
+                .send(WhereInQueue(id))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(crate::supervisor::QueuePlace {
+                    position: None,
+                    waiting_for: "the server is starting or shutting down".to_owned(),
+                }),
+        ),
         (true, true) => shared_place(&state, &log, &task).await,
         (false, _) => None,
     };
@@ -115,7 +126,7 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
         nodes: task.nodes,
         status: task.status,
         update_time: time::http_date(task.updated_at),
-        queue_position: place.as_ref().map(|p| p.position),
+        queue_position: place.as_ref().and_then(|p| p.position),
         waiting_for: place.map(|p| p.waiting_for),
         started_time: task.started_at.map(time::http_date),
         end_time: task.ended_at.map(time::http_date),
@@ -132,21 +143,31 @@ async fn shared_place(
 ) -> Option<crate::supervisor::QueuePlace> {
     if let Some(agent) = &task.agent {
         return Some(crate::supervisor::QueuePlace {
-            position: 1,
+            position: Some(1),
             waiting_for: format!("claimed by {agent}, starting"),
         });
     }
     let id = task.id;
-    let ahead = super::read_store(state, log, move |c| crate::cluster::claim::ahead_of(c, id))
+    let ahead = match super::read_store(state, log, move |c| crate::cluster::claim::ahead_of(c, id))
         .await
-        .ok()?;
+    {
+        Ok(ahead) => ahead,
+        Err(_) => {
+            return Some(crate::supervisor::QueuePlace {
+                position: None,
+                waiting_for:
+                    "an agent with free forks; its place in the shared queue cannot be read now"
+                        .to_owned(),
+            })
+        }
+    };
     let before = match ahead {
         0 => "first in the shared queue".to_owned(),
         1 => "1 task ahead in the shared queue".to_owned(),
         n => format!("{n} tasks ahead in the shared queue"),
     };
     Some(crate::supervisor::QueuePlace {
-        position: usize::try_from(ahead).unwrap_or(0) + 1,
+        position: Some(usize::try_from(ahead).unwrap_or(0) + 1),
         waiting_for: format!("an agent with free forks; {before}"),
     })
 }

@@ -98,15 +98,7 @@ pub async fn end_elsewhere(
         let (task, _) = find(state, log, id, name.to_owned()).await?;
         let nodes: Vec<String> = serde_json::from_str(&task.nodes).unwrap_or_default();
         let (status, ending, err) = reason.outcome(&state.settings);
-        let fin = crate::store::Finish {
-            id,
-            status,
-            err: Some(err),
-            exit_code: None,
-            ended_at: crate::time::now(),
-            hosts: crate::ansible::events::Hosts::new(&nodes).finish(ending),
-            usage: Default::default(),
-        };
+        let fin = crate::task::end_without_run(id, &nodes, status, ending, err);
         let written = state
             .persistence
             .send(crate::store::persistence::FinishTask(fin))

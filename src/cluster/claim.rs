@@ -13,6 +13,7 @@
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable};
 
+use crate::status::Status;
 use crate::store::db::DbConnection;
 use crate::store::notify::STOP_CHANNEL;
 use crate::store::schema::tasks;
@@ -79,7 +80,7 @@ pub fn claim_head(
             return Ok(None);
         };
         let head: Option<Task> = tasks::table
-            .filter(tasks::status.eq(crate::status::Status::Pending.code()))
+            .filter(tasks::status.eq(Status::Pending.code()))
             .filter(tasks::agent.is_null())
             .order(tasks::id.asc())
             .limit(1)
@@ -120,7 +121,7 @@ pub fn claim_head(
 /// Where a pending task stands in the shared queue: unclaimed tasks before it.
 pub fn ahead_of(conn: &mut DbConnection, id: i64) -> Result<i64, StoreError> {
     Ok(tasks::table
-        .filter(tasks::status.eq(crate::status::Status::Pending.code()))
+        .filter(tasks::status.eq(Status::Pending.code()))
         .filter(tasks::agent.is_null())
         .filter(tasks::id.lt(id))
         .count()
@@ -135,7 +136,7 @@ pub fn take_for_stop(conn: &mut DbConnection, id: i64, agent: &str) -> Result<bo
         let taken = diesel::update(
             tasks::table
                 .find(id)
-                .filter(tasks::status.eq(crate::status::Status::Pending.code()))
+                .filter(tasks::status.eq(Status::Pending.code()))
                 .filter(tasks::agent.is_null()),
         )
         .set(tasks::agent.eq(agent))
@@ -155,7 +156,7 @@ pub fn request_stop(
         let owner: Option<Option<String>> = diesel::update(
             tasks::table
                 .find(id)
-                .filter(tasks::status.eq_any([1, 2]))
+                .filter(tasks::status.eq_any(Status::LIVE))
                 .filter(tasks::agent.is_not_null()),
         )
         .set((
@@ -179,7 +180,7 @@ pub fn stops_for(
 ) -> Result<Vec<(i64, Option<String>)>, StoreError> {
     Ok(tasks::table
         .filter(tasks::agent.eq(agent))
-        .filter(tasks::status.eq_any([1, 2]))
+        .filter(tasks::status.eq_any(Status::LIVE))
         .filter(tasks::stop_requested_at.is_not_null())
         .select((tasks::id, tasks::stop_reason))
         .load(conn)?)
@@ -220,7 +221,7 @@ pub fn lost_agents(
         let since = crate::time::rfc3339(agent.heartbeat_at);
         let live = tasks::table
             .filter(tasks::agent.eq(&agent.name))
-            .filter(tasks::status.eq_any([1, 2]));
+            .filter(tasks::status.eq_any(Status::LIVE));
         if agent.past_grace {
             let err = format!(
                 "agent {} was lost: no heartbeat since {since}, {} s ago or more; the true end of this task is unknown (it may have gone on running there)",
@@ -250,7 +251,7 @@ pub fn back(conn: &mut DbConnection, me: &str) -> Result<usize, StoreError> {
     Ok(diesel::update(
         tasks::table
             .filter(tasks::agent.eq(me))
-            .filter(tasks::status.eq_any([1, 2]))
+            .filter(tasks::status.eq_any(Status::LIVE))
             .filter(tasks::err.like(note)),
     )
     .set(tasks::err.eq(None::<String>))

@@ -215,33 +215,10 @@ fn master_pid(socket: &Path, host: &str) -> Option<i32> {
         .ok()
 }
 
-/// ssh options from a settings string, split on white space (quotes group words).
+/// ssh options from a settings string, split as a POSIX shell would (shlex); settings validation
+/// has refused a string that does not split.
 pub fn split_args(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut word = String::new();
-    let mut quote: Option<char> = None;
-    let mut any = false;
-    for c in text.chars() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), c) => word.push(c),
-            (None, '\'' | '"') => {
-                quote = Some(c);
-                any = true;
-            }
-            (None, c) if c.is_whitespace() => {
-                if any || !word.is_empty() {
-                    out.push(std::mem::take(&mut word));
-                    any = false;
-                }
-            }
-            (None, c) => word.push(c),
-        }
-    }
-    if any || !word.is_empty() {
-        out.push(word);
-    }
-    out
+    shlex::split(text).unwrap_or_default()
 }
 
 impl Actor for Connections {

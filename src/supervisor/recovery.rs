@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::NaiveDateTime;
 
-use crate::ansible::events::{Ending, Hosts};
+use crate::ansible::events::Ending;
 use crate::ansible::rundir::RunDir;
 use crate::exec::procs;
 use crate::status::Status;
@@ -68,22 +68,14 @@ pub fn plan(
     shared: bool,
 ) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
-    for task in store::tasks_with_status(conn, agent, &[1, 2], !shared)? {
+    for task in store::tasks_with_status(conn, agent, &Status::LIVE, !shared)? {
         plan_one(&mut plan, task, run_root);
     }
     Ok(plan)
 }
 
 fn ended(task: &Task, nodes: &[String], status: Status, err: String, ending: Ending) -> Finish {
-    Finish {
-        id: task.id,
-        status,
-        err: Some(err),
-        exit_code: None,
-        ended_at: time::now(),
-        hosts: Hosts::new(nodes).finish(ending),
-        usage: Default::default(),
-    }
+    crate::task::end_without_run(task.id, nodes, status, ending, err)
 }
 
 fn plan_one(plan: &mut Plan, task: Task, run_root: &Path) {

@@ -5,6 +5,8 @@ use actix::prelude::*;
 use chrono::NaiveDateTime;
 use serde_json::{Map, Value};
 
+use crate::ansible::events::{Ending, Hosts};
+use crate::status::Status;
 use crate::store::persistence::MarkRunning;
 use crate::store::{Finish, Task};
 
@@ -51,6 +53,27 @@ impl TaskSpec {
 /// `err` of a task killed at its time limit.
 pub fn timeout_err(secs: u64) -> String {
     format!("killed after running past its time limit of {secs} s")
+}
+
+/// The end of a task that has no run of its own to report (stopped while pending, never
+/// readable, or ended for an agent that was lost): every node ends as `ending` says, with no exit
+/// code and nothing measured.
+pub fn end_without_run(
+    id: i64,
+    nodes: &[String],
+    status: Status,
+    ending: Ending,
+    err: String,
+) -> Finish {
+    Finish {
+        id,
+        status,
+        err: Some(err),
+        exit_code: None,
+        ended_at: crate::time::now(),
+        hosts: Hosts::new(nodes).finish(ending),
+        usage: Default::default(),
+    }
 }
 
 /// What a TaskActor tells its supervisor (through a `Recipient`, so this module does not depend

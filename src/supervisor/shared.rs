@@ -1,0 +1,168 @@
+//! The supervisor's side of the shared queue (`shared_queue`): claiming the head of the table's
+//! queue when there are free forks, applying stops asked through other agents, and ending the
+//! tasks of agents that were lost. The SQL lives in `cluster::claim`.
+
+use actix::prelude::*;
+use slog::{info, warn};
+
+use super::end::{EndReason, EndTask};
+use super::TaskSupervisor;
+use crate::ansible::events::Ending;
+use crate::cluster::claim::{self, Room};
+use crate::status::Status;
+use crate::store::persistence::FinishTask;
+use crate::task::{end_without_run, TaskSpec};
+
+/// Claim from the shared queue now (a `NOTIFY` arrived).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Claim;
+
+impl Handler<Claim> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, _: Claim, ctx: &mut Context<Self>) {
+        self.claim(ctx);
+    }
+}
+
+/// Apply the stops asked elsewhere for this agent's tasks now (a `NOTIFY downlink_stop`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CheckStops;
+
+impl Handler<CheckStops> for TaskSupervisor {
+    type Result = ();
+    fn handle(&mut self, _: CheckStops, ctx: &mut Context<Self>) {
+        self.check_stops(ctx);
+    }
+}
+
+/// The stored node list of a task row (a row that cannot be read has no nodes to end).
+fn nodes_of(task: &crate::store::Task) -> Vec<String> {
+    serde_json::from_str(&task.nodes).unwrap_or_default()
+}
+
+impl TaskSupervisor {
+    /// Claims the head of the table's queue if it fits in the free forks, starts it, and claims
+    /// again; one claim at a time. This agent's own queue (tasks it claimed before a restart)
+    /// goes first.
+    pub(super) fn claim(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        if self.closing || self.claiming || !self.admission.is_empty() {
+            return;
+        }
+        let room = Room {
+            free: self.admission.free(),
+            max_forks: self.admission.max(),
+            cluster_max_forks: shared.cluster_max_forks,
+        };
+        if room.free == 0 {
+            return;
+        }
+        self.claiming = true;
+        let me = self.settings.agent_name.clone();
+        let job = shared.run(move |conn| claim::claim_head(conn, &me, room));
+        ctx.spawn(job.into_actor(self).map(|claimed, act, ctx| {
+            act.claiming = false;
+            match claimed {
+                Ok(Some(task)) => {
+                    act.claim_failing = false;
+                    match TaskSpec::from_row(&task) {
+                        Ok(spec) => {
+                            info!(act.log, "claimed a task from the shared queue"; "task_id" => spec.id);
+                            act.admission.charge(act.admission.cost(spec.forks));
+                            act.launch(spec, ctx);
+                        }
+                        Err(why) => act.unreadable(&task, why, ctx),
+                    }
+                    act.claim(ctx);
+                }
+                Ok(None) => act.claim_failing = false,
+                Err(e) => {
+                    if !act.claim_failing {
+                        warn!(act.log, "cannot claim from the shared queue; trying again"; "error" => %e);
+                    }
+                    act.claim_failing = true;
+                }
+            }
+        }));
+    }
+
+    /// Stops asked through other agents for this agent's tasks are applied here, as a local
+    /// `/api/stop` would (read on a NOTIFY, at every heartbeat, and after a restart).
+    pub(super) fn check_stops(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let me = self.settings.agent_name.clone();
+        let job = shared.run(move |conn| claim::stops_for(conn, &me));
+        ctx.spawn(job.into_actor(self).map(|asked, act, ctx| {
+            let asked = match asked {
+                Ok(asked) => asked,
+                Err(e) => {
+                    // Read again at the next heartbeat or NOTIFY.
+                    warn!(act.log, "cannot read the stops asked through other agents"; "error" => %e);
+                    return;
+                }
+            };
+            for (id, reason) in asked {
+                let here = act.running.contains_key(&id) || act.admission.get(id).is_some();
+                if here {
+                    let reason = EndReason::parse(reason.as_deref());
+                    info!(act.log, "ending a task as asked through another agent"; "task_id" => id, "reason" => reason.as_str());
+                    ctx.address().do_send(EndTask {
+                        id,
+                        name: None,
+                        reason,
+                    });
+                }
+            }
+        }));
+    }
+
+    /// Other agents whose lease ran out get a note on their live tasks; past
+    /// `lost_agent_grace_secs` those tasks end interrupted (written here, as any end).
+    pub(super) fn reap_lost(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let me = self.settings.agent_name.clone();
+        let lease = self.settings.heartbeat() * crate::cluster::agents::LEASE_HEARTBEATS;
+        let grace = std::time::Duration::from_secs(self.settings.lost_agent_grace_secs);
+        let job = shared.run(move |conn| claim::lost_agents(conn, &me, lease, grace));
+        ctx.spawn(job.into_actor(self).map(|found, act, _| {
+            let to_end = match found {
+                Ok(to_end) => to_end,
+                Err(e) => {
+                    warn!(act.log, "cannot look for lost agents"; "error" => %e);
+                    return;
+                }
+            };
+            for (task, err) in to_end {
+                warn!(act.log, "ending a task of a lost agent"; "task_id" => task.id, "agent" => task.agent.clone());
+                let fin = end_without_run(
+                    task.id,
+                    &nodes_of(&task),
+                    Status::Interrupted,
+                    Ending::Interrupted,
+                    err,
+                );
+                act.persistence.do_send(FinishTask(fin));
+            }
+        }));
+    }
+
+    /// A claimed task whose row cannot be read as a task: it ends failed, saying why.
+    fn unreadable(&mut self, task: &crate::store::Task, why: String, ctx: &mut Context<Self>) {
+        let fin = end_without_run(
+            task.id,
+            &nodes_of(task),
+            Status::Failed,
+            Ending::Interrupted,
+            format!("the stored task cannot be read: {why}"),
+        );
+        self.record_end(fin, ctx);
+    }
+}
