@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod health;
+pub mod middleware;
 
 pub mod check;
 pub mod events;
@@ -37,6 +38,8 @@ use crate::supervisor::TaskSupervisor;
 
 /// What every handler reaches: settings, the read pool and the actors.
 pub struct AppState {
+    /// Who may call (tokens, allow-list).
+    pub access: crate::api::auth::Access,
     pub settings: Arc<Settings>,
     pub pool: Pool,
     /// The HTTP workers' own PostgreSQL read connections, when the URL allows them.
@@ -161,6 +164,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Duplicate => ApiError::Duplicate,
+            StoreError::Refused(why) => ApiError::Param(why),
             StoreError::Unavailable(_) | StoreError::Query(_) => ApiError::DbUnavailable,
         }
     }

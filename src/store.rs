@@ -203,6 +203,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("database error: {0}")]
     Query(DieselError),
+    /// The database answered and refused what the request asked (a data exception).
+    #[error("the database refused the request: {0}")]
+    Refused(String),
 }
 
 impl From<DieselError> for StoreError {

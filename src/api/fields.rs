@@ -29,6 +29,16 @@ pub fn string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, A
         .ok_or_else(|| ApiError::param(field, "must be a string"))
 }
 
+/// A required string compared with stored text: no NUL (no database stores one in text, so the
+/// query would fail as if the database were away).
+pub fn search_text<'a>(map: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+    let text = string(map, field)?;
+    if text.contains('\0') {
+        return Err(ApiError::param(field, "holds a NUL character"));
+    }
+    Ok(text)
+}
+
 /// A required task name: 1..=255 characters, none of them control characters.
 pub fn task_name(map: &Map<String, Value>) -> Result<String, ApiError> {
     let name = string(map, "name")?;

@@ -3,7 +3,7 @@
 
 use actix_web::{web, HttpResponse};
 
-use super::fields::{log_limit, string};
+use super::fields::{log_limit, search_text};
 use super::{read_store, ApiError, ApiRequest, AppState};
 use crate::store::{self, HostRow};
 use crate::time;
@@ -11,8 +11,8 @@ use crate::time;
 /// POST /api/getlog
 pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpResponse, ApiError> {
     let ApiRequest { body, log, .. } = req;
-    let host = string(&body, "host")?.to_owned();
-    let source = string(&body, "source")?.to_owned();
+    let host = search_text(&body, "host")?.to_owned();
+    let source = search_text(&body, "source")?.to_owned();
     let limit = log_limit(&body)?;
     let rows = read_store(&state, &log, move |c| {
         store::host_log(c, &host, &source, limit)

@@ -230,6 +230,11 @@ impl Readers {
 }
 
 fn unavailable(e: tokio_postgres::Error) -> StoreError {
+    // A data exception (SQLSTATE class 22: a NUL or a value out of range) is the request's
+    // fault, not the database's: retrying cannot help.
+    if e.code().is_some_and(|c| c.code().starts_with("22")) {
+        return StoreError::Refused(e.to_string());
+    }
     // tokio-postgres keeps the cause (the server's message, a column's type) in `source`.
     match std::error::Error::source(&e) {
         Some(cause) => StoreError::Unavailable(format!("{e}: {cause}")),

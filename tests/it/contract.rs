@@ -69,6 +69,9 @@ fn every_error_string_is_exact_and_nothing_is_stored(backend: Backend) {
         ("/api/check", json!({"id": 1, "name": 5}).to_string(), param("name: must be a string")),
         ("/api/getlog", json!({"host": "h"}).to_string(), param("source: is required")),
         ("/api/getlog", json!({"host": "h", "source": "s", "limit": 10001}).to_string(), param("limit: must be an integer from 1 to 10000")),
+        // Bad input is never reported as an outage ("retry later" would be retried for ever).
+        ("/api/getlog", json!({"host": "h\u{0}x", "source": "s"}).to_string(), param("host: holds a NUL character")),
+        ("/api/getlog", json!({"host": "h", "source": "\u{0}"}).to_string(), param("source: holds a NUL character")),
     ];
     for (path, body, want) in &cases {
         let (status, got) = server.post(path, body);

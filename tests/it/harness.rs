@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
-use downlink::server::{self, Spawned};
+use downlink::server;
 use downlink::settings::Settings;
 use downlink::store::db::{self, DbConnection, Pool, Target};
 use downlink::store::{self, HostRow, Task};
@@ -279,7 +279,7 @@ impl TestServer {
         settings.database_url = db.url.clone();
         tweak(&mut settings);
         let (log, log_guard) = downlink::logging::root(&settings);
-        let server = server::spawn(settings.clone(), log).expect("server starts");
+        let server = spawn(settings.clone(), log).expect("server starts");
         TestServer {
             base: format!("http://{}", server.addr),
             view: DbView::open(&db.url),
@@ -627,4 +627,65 @@ pub fn figure(name: &str, value: impl std::fmt::Display) {
     {
         let _ = writeln!(f, "{line}");
     }
+}
+
+/// A server running on its own thread and actix system, as `downlink serve` runs it.
+pub struct Spawned {
+    pub addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spawned {
+    /// Shuts the server down gracefully and waits for its thread to end.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            // A server that already ended has nothing to hear.
+            tx.send(()).ok();
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                eprintln!("the server thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Prepares and starts a server on `127.0.0.1:0` in a thread of its own.
+pub fn spawn(settings: Settings, log: slog::Logger) -> anyhow::Result<Spawned> {
+    let prepared = server::prepare(settings, &log)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let system = actix_web::rt::System::new();
+        let shutdown = async move {
+            shutdown_rx.await.ok();
+        };
+        let result = system.block_on(server::run(prepared, listener, log, shutdown, move |h| {
+            started_tx.send(h).ok();
+        }));
+        if let Err(e) = result {
+            eprintln!("server thread ended with an error: {e}");
+        }
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|e| anyhow::anyhow!("server did not start: {e}"))?;
+    Ok(Spawned {
+        addr,
+        shutdown: Some(shutdown_tx),
+        thread: Some(thread),
+    })
 }

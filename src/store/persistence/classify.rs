@@ -23,7 +23,7 @@ pub enum Class {
 pub fn classify(e: &StoreError) -> Option<Class> {
     use DatabaseErrorKind as K;
     match e {
-        StoreError::Duplicate => Some(Class::Refused),
+        StoreError::Duplicate | StoreError::Refused(_) => Some(Class::Refused),
         StoreError::Unavailable(_) => Some(Class::Away),
         StoreError::Query(DieselError::DatabaseError(kind, info)) => match kind {
             K::ClosedConnection
