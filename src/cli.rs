@@ -12,9 +12,25 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::api::check::HostRecord;
+use crate::api::events::{EventLine, StreamLine};
+use crate::api::tasks::{Detail, TaskItem};
 use crate::settings::Settings;
+
+/// The API's envelope: `{"code":0,"content":…}` or `{"code":-1,"message":…}`.
+#[derive(Deserialize)]
+struct Envelope<T> {
+    code: i32,
+    message: Option<String>,
+    content: Option<T>,
+}
+
+/// A task as `GET /api/tasks/{id}` answers it.
+type Task = Detail<'static>;
 
 /// Environment variables of the CLI. They share the settings' `DOWNLINK_` prefix but are not
 /// settings: the binary leaves them out of what it gives the settings loader.
@@ -81,7 +97,12 @@ impl Client {
     }
 
     /// A GET or POST answered with the API's envelope; its `content`.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
         let req = self.request(method, path);
         let result = match body {
             Some(body) => req
@@ -90,28 +111,33 @@ impl Client {
                 .send_json(body),
             None => req.call(),
         };
-        let answer: Value = match result {
-            Ok(res) => res.into_json().context("the answer is not JSON")?,
+        let answer: Envelope<T> = match result {
+            Ok(res) => res
+                .into_json()
+                .context("the answer is not what the API answers")?,
             Err(ureq::Error::Status(code, res)) => {
                 let text = res.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
+                let message = serde_json::from_str::<Envelope<Value>>(&text)
                     .ok()
-                    .and_then(|v| v["message"].as_str().map(str::to_owned))
+                    .and_then(|v| v.message)
                     .unwrap_or(text);
                 bail!("{} answered HTTP {code}: {message}", self.base)
             }
             Err(e) => bail!("cannot reach {}: {e}", self.base),
         };
-        if answer["code"] != json!(0) {
-            bail!(
-                "{}",
-                answer["message"].as_str().unwrap_or("the server refused")
-            );
+        match answer {
+            Envelope {
+                code: 0,
+                content: Some(content),
+                ..
+            } => Ok(content),
+            Envelope { message, .. } => {
+                bail!("{}", message.as_deref().unwrap_or("the server refused"))
+            }
         }
-        Ok(answer["content"].clone())
     }
 
-    fn task(&self, id: i64) -> anyhow::Result<Value> {
+    fn task(&self, id: i64) -> anyhow::Result<Task> {
         self.call("GET", &format!("/api/tasks/{id}"), None)
     }
 }
@@ -149,14 +175,9 @@ fn tls_with_ca(path: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-fn text(v: &Value) -> &str {
-    v.as_str().unwrap_or("")
-}
-
 /// `2026-12-01T16:13:40Z` as `2026-12-01 16:13:40`.
-fn shown_time(v: &Value) -> String {
-    v.as_str()
-        .map(|t| t.replace('T', " ").trim_end_matches('Z').to_owned())
+fn shown_time(t: Option<&str>) -> String {
+    t.map(|t| t.replace('T', " ").trim_end_matches('Z').to_owned())
         .unwrap_or_else(|| "-".into())
 }
 
@@ -176,49 +197,48 @@ pub fn list(
     if let Some(s) = source {
         query.append_pair("source", s);
     }
-    let tasks = client.call("GET", &format!("/api/tasks?{}", query.finish()), None)?;
+    let tasks: Vec<TaskItem> =
+        client.call("GET", &format!("/api/tasks?{}", query.finish()), None)?;
     writeln!(
         out,
         "{:>8}  {:<11}  {:<16}  {:<20}  {:>5}  {:<19}  NAME",
         "ID", "STATUS", "SOURCE", "AGENT", "NODES", "CREATED (UTC)"
     )?;
-    for t in tasks.as_array().into_iter().flatten() {
+    for t in &tasks {
         writeln!(
             out,
             "{:>8}  {:<11}  {:<16}  {:<20}  {:>5}  {:<19}  {}",
-            t["id"].to_string(),
-            text(&t["status_name"]),
-            text(&t["source"]),
-            t["agent"].as_str().unwrap_or("-"),
-            t["nodes"].to_string(),
-            shown_time(&t["created_time"]),
-            text(&t["name"])
+            t.id,
+            t.status_name,
+            t.source,
+            t.agent.as_deref().unwrap_or("-"),
+            t.nodes,
+            shown_time(Some(&t.created_time)),
+            t.name
         )?;
     }
     Ok(())
 }
 
 /// The task's head and its per-host table.
-fn print_task(task: &Value, out: &mut impl Write) -> anyhow::Result<()> {
+fn print_task(detail: &Task, out: &mut impl Write) -> anyhow::Result<()> {
+    let task = &detail.task;
     writeln!(
         out,
         "task {} {:?}: {} ({})",
-        task["id"],
-        text(&task["name"]),
-        text(&task["status_name"]),
-        task["status"]
+        task.id, task.name, task.status_name, task.status
     )?;
     writeln!(
         out,
         "source {} · agent {} · {} nodes · created {} · started {} · ended {}",
-        text(&task["source"]),
-        task["agent"].as_str().unwrap_or("-"),
-        task["nodes"],
-        shown_time(&task["created_time"]),
-        shown_time(&task["started_time"]),
-        shown_time(&task["end_time"])
+        task.source,
+        task.agent.as_deref().unwrap_or("-"),
+        task.nodes,
+        shown_time(Some(&task.created_time)),
+        shown_time(task.started_time.as_deref()),
+        shown_time(task.end_time.as_deref())
     )?;
-    if let Some(err) = task["err"].as_str() {
+    if let Some(err) = &task.err {
         writeln!(out, "err: {err}")?;
     }
     writeln!(out)?;
@@ -227,20 +247,20 @@ fn print_task(task: &Value, out: &mut impl Write) -> anyhow::Result<()> {
         "{:<24}  {:<11}  {:>4}  {:>7}  {:>6}  {:>11}  {:>7}  {:>7}  {:>7}  MSG",
         "HOST", "RESULT", "OK", "CHANGED", "FAILED", "UNREACHABLE", "SKIPPED", "RESCUED", "IGNORED"
     )?;
-    for h in task["hosts"].as_array().into_iter().flatten() {
+    for h in &detail.hosts {
         writeln!(
             out,
             "{:<24}  {:<11}  {:>4}  {:>7}  {:>6}  {:>11}  {:>7}  {:>7}  {:>7}  {}",
-            text(&h["host"]),
-            text(&h["result"]),
-            h["ok"].to_string(),
-            h["changed"].to_string(),
-            h["failed"].to_string(),
-            h["unreachable"].to_string(),
-            h["skipped"].to_string(),
-            h["rescued"].to_string(),
-            h["ignored"].to_string(),
-            h["msg"].as_str().unwrap_or("")
+            h.host,
+            h.result,
+            h.ok,
+            h.changed,
+            h.failed,
+            h.unreachable,
+            h.skipped,
+            h.rescued,
+            h.ignored,
+            h.msg.as_deref().unwrap_or("")
         )?;
     }
     Ok(())
@@ -253,15 +273,13 @@ pub fn show(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<()
 
 /// `downlink tasks stop ID`: answers once the stop is recorded (status 5).
 pub fn stop(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<()> {
-    let task = client.task(id)?;
-    let name = text(&task["name"]).to_owned();
-    client.call("POST", "/api/stop", Some(json!({"id": id, "name": name})))?;
-    let task = client.task(id)?;
+    let name = client.task(id)?.task.name;
+    client.call::<Value>("POST", "/api/stop", Some(json!({"id": id, "name": name})))?;
+    let task = client.task(id)?.task;
     writeln!(
         out,
         "task {id} {name:?}: {} ({})",
-        text(&task["status_name"]),
-        task["status"]
+        task.status_name, task.status
     )?;
     Ok(())
 }
@@ -323,7 +341,7 @@ impl Lines {
 }
 
 impl Display {
-    fn new(task: &Value) -> Display {
+    fn new(detail: &Task) -> Display {
         if !std::io::stdout().is_terminal() {
             return Display::Plain;
         }
@@ -332,11 +350,10 @@ impl Display {
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
         let head = multi.add(ProgressBar::new_spinner());
         head.set_style(style.clone());
-        head.set_prefix(format!("task {}", task["id"]));
+        head.set_prefix(format!("task {}", detail.task.id));
         head.set_message(format!(
             "{:?} {}",
-            text(&task["name"]),
-            text(&task["status_name"])
+            detail.task.name, detail.task.status_name
         ));
         head.enable_steady_tick(Duration::from_millis(120));
         let mut lines = Lines {
@@ -346,40 +363,40 @@ impl Display {
             hosts: BTreeMap::new(),
             rest: None,
         };
-        for h in task["hosts"].as_array().into_iter().flatten() {
-            lines.host(text(&h["host"]));
+        for h in &detail.hosts {
+            lines.host(&h.host);
         }
         Display::Terminal(Box::new(lines))
     }
 
     fn event(
         &mut self,
-        ev: &Value,
+        ev: &EventLine,
         progress: &BTreeMap<String, HostProgress>,
         out: &mut impl Write,
-    ) {
-        let host = ev["host"].as_str();
+    ) -> std::io::Result<()> {
+        let host = ev.host.as_deref();
         match self {
             Display::Plain => {
-                let _ = writeln!(
+                writeln!(
                     out,
                     "{:>6} {:<20} {:<18} {}",
-                    ev["seq"].to_string(),
+                    ev.seq,
                     host.unwrap_or("-"),
-                    text(&ev["kind"]),
-                    ev["task_name"].as_str().unwrap_or("")
-                );
+                    ev.kind,
+                    ev.task_name.as_deref().unwrap_or("")
+                )?;
             }
             Display::Terminal(lines) => {
-                if let Some(name) = ev["task_name"].as_str().filter(|_| host.is_none()) {
+                if let Some(name) = ev.task_name.as_deref().filter(|_| host.is_none()) {
                     lines.head.set_message(format!("running · {name}"));
                 }
-                let Some(h) = host else { return };
+                let Some(h) = host else { return Ok(()) };
                 if let Some(bar) = lines.host(h) {
                     if let Some(p) = progress.get(h) {
                         bar.set_message(p.line());
                     }
-                    return;
+                    return Ok(());
                 }
                 let (mut n, mut ok, mut failed, mut unreachable) = (0, 0, 0, 0);
                 for (name, p) in progress {
@@ -400,21 +417,14 @@ impl Display {
                 }
             }
         }
+        Ok(())
     }
 
-    fn end(self, task: &Value) {
+    fn end(self, detail: &Task) {
         if let Display::Terminal(mut lines) = self {
-            for h in task["hosts"].as_array().into_iter().flatten() {
-                if let Some(bar) = lines.host(text(&h["host"])) {
-                    bar.finish_with_message(format!(
-                        "{:<11} ok {:<4} changed {:<3} failed {:<3} unreachable {:<3} {}",
-                        text(&h["result"]),
-                        h["ok"].to_string(),
-                        h["changed"].to_string(),
-                        h["failed"].to_string(),
-                        h["unreachable"].to_string(),
-                        h["msg"].as_str().unwrap_or("")
-                    ));
+            for h in &detail.hosts {
+                if let Some(bar) = lines.host(&h.host) {
+                    bar.finish_with_message(host_end(h));
                 }
             }
             for bar in lines.hosts.values() {
@@ -425,15 +435,51 @@ impl Display {
             if let Some(rest) = &lines.rest {
                 rest.finish();
             }
+            let task = &detail.task;
             lines.head.finish_with_message(format!(
                 "{:?} ended {} ({})",
-                text(&task["name"]),
-                text(&task["status_name"]),
-                task["status"]
+                task.name, task.status_name, task.status
             ));
             // The finished lines stay on the screen.
             drop(lines);
         }
+    }
+}
+
+/// A host's last line in `watch`.
+fn host_end(h: &HostRecord) -> String {
+    format!(
+        "{:<11} ok {:<4} changed {:<3} failed {:<3} unreachable {:<3} {}",
+        h.result,
+        h.ok,
+        h.changed,
+        h.failed,
+        h.unreachable,
+        h.msg.as_deref().unwrap_or("")
+    )
+}
+
+/// What an event counts for its host.
+fn count(p: &mut HostProgress, ev: &EventLine) {
+    match ev.kind.as_ref() {
+        "runner_ok" => {
+            p.ok += 1;
+            #[derive(Deserialize)]
+            struct Changed {
+                #[serde(default)]
+                changed: bool,
+            }
+            if serde_json::from_str::<Changed>(ev.payload.get()).is_ok_and(|c| c.changed) {
+                p.changed += 1;
+            }
+        }
+        "runner_failed" => p.failed += 1,
+        "runner_unreachable" => p.unreachable += 1,
+        "runner_skipped" => p.skipped += 1,
+        _ => {}
+    }
+    if let Some(t) = &ev.task_name {
+        p.last_task = t.to_string();
     }
 }
 
@@ -453,7 +499,7 @@ pub fn watch(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<i
             Err(e) if failures < RECONNECTS => {
                 failures += 1;
                 if let Display::Plain = display {
-                    let _ = writeln!(out, "stream lost ({e}); again from event {after}");
+                    writeln!(out, "stream lost ({e}); again from event {after}")?;
                 }
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
@@ -463,38 +509,24 @@ pub fn watch(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<i
         let mut end = None;
         for line in std::io::BufReader::new(reader).lines() {
             let Ok(line) = line else { break };
-            let Ok(ev) = serde_json::from_str::<Value>(&line) else {
+            // Lines this CLI does not know (a newer server's) are passed over.
+            let Ok(line) = serde_json::from_str::<StreamLine>(&line) else {
                 continue;
             };
-            match ev["type"].as_str() {
-                Some("event") => {
-                    after = ev["seq"].as_i64().unwrap_or(after);
+            match line {
+                StreamLine::Event(ev) => {
+                    after = i64::from(ev.seq);
                     failures = 0;
-                    if let Some(host) = ev["host"].as_str() {
-                        let p = progress.entry(host.to_owned()).or_default();
-                        match text(&ev["kind"]) {
-                            "runner_ok" => {
-                                p.ok += 1;
-                                if ev["payload"]["changed"] == json!(true) {
-                                    p.changed += 1;
-                                }
-                            }
-                            "runner_failed" => p.failed += 1,
-                            "runner_unreachable" => p.unreachable += 1,
-                            "runner_skipped" => p.skipped += 1,
-                            _ => {}
-                        }
-                        if let Some(t) = ev["task_name"].as_str() {
-                            p.last_task = t.to_owned();
-                        }
+                    if let Some(host) = &ev.host {
+                        count(progress.entry(host.to_string()).or_default(), &ev);
                     }
-                    display.event(&ev, &progress, out);
+                    display.event(&ev, &progress, out)?;
                 }
-                Some("end") => {
-                    end = Some(ev);
+                StreamLine::End(e) => {
+                    end = Some(e.status);
                     break;
                 }
-                _ => {}
+                StreamLine::Other => {}
             }
         }
         match end {
@@ -510,11 +542,11 @@ pub fn watch(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<i
     let terminal = matches!(display, Display::Terminal(_));
     display.end(&task);
     if terminal {
-        if let Some(err) = task["err"].as_str() {
+        if let Some(err) = &task.task.err {
             writeln!(out, "err: {err}")?;
         }
     } else {
         print_task(&task, out)?;
     }
-    Ok(end["status"].as_i64().unwrap_or(0) as i32)
+    Ok(end)
 }

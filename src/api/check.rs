@@ -1,7 +1,9 @@
 //! `/api/check`: a task's status, with its host records and nodes as JSON encoded in strings.
 
 use actix_web::{web, HttpResponse};
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use super::fields::id_and_name;
 use super::{read_either, success, ApiError, ApiRequest, AppState};
@@ -41,11 +43,11 @@ pub struct CheckContent {
     pub agent: Option<String>,
 }
 
-/// One element of `log`.
-#[derive(Debug, Serialize)]
+/// One element of `log` (and of `hosts` in `GET /api/tasks/{id}`); the CLI reads it back.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct HostRecord<'a> {
-    pub host: &'a str,
-    pub result: &'a str,
+    pub host: Cow<'a, str>,
+    pub result: Cow<'a, str>,
     pub ok: i32,
     pub changed: i32,
     pub failed: i32,
@@ -55,14 +57,14 @@ pub struct HostRecord<'a> {
     pub ignored: i32,
     pub create_time: String,
     pub end_time: Option<String>,
-    pub msg: Option<&'a str>,
+    pub msg: Option<Cow<'a, str>>,
 }
 
 impl<'a> From<&'a HostRow> for HostRecord<'a> {
     fn from(r: &'a HostRow) -> Self {
         HostRecord {
-            host: &r.host,
-            result: r.result.as_deref().unwrap_or("running"),
+            host: Cow::Borrowed(&r.host),
+            result: Cow::Borrowed(r.result.as_deref().unwrap_or("running")),
             ok: r.ok,
             changed: r.changed,
             failed: r.failed,
@@ -72,7 +74,7 @@ impl<'a> From<&'a HostRow> for HostRecord<'a> {
             ignored: r.ignored,
             create_time: time::rfc3339(r.created_at),
             end_time: r.result.as_ref().and(r.ended_at).map(time::rfc3339),
-            msg: r.msg.as_deref(),
+            msg: r.msg.as_deref().map(Cow::Borrowed),
         }
     }
 }

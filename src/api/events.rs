@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{ACCEPT, CACHE_CONTROL};
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use slog::{warn, Logger};
 
@@ -94,50 +96,56 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-#[derive(Serialize)]
-struct EventLine<'a> {
-    #[serde(rename = "type")]
-    kind_of_line: &'static str,
-    seq: i32,
-    host: Option<&'a str>,
-    kind: &'a str,
-    task_name: Option<&'a str>,
-    time: String,
+/// One line of the stream, as the server writes it and the CLI reads it back: an event
+/// (`"type": "event"`), the end (`"type": "end"`), or a keep-alive.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StreamLine<'a> {
+    Event(EventLine<'a>),
+    End(EndLine<'a>),
+    #[serde(other)]
+    Other,
+}
+
+/// An event of the stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventLine<'a> {
+    pub seq: i32,
+    pub host: Option<Cow<'a, str>>,
+    pub kind: Cow<'a, str>,
+    pub task_name: Option<Cow<'a, str>>,
+    pub time: String,
     /// The stored JSON as it is; a payload the database holds cut (not JSON) as a string.
-    payload: Payload<'a>,
+    pub payload: Cow<'a, RawValue>,
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Payload<'a> {
-    Json(&'a RawValue),
-    Text(&'a str),
-}
-
-#[derive(Serialize)]
-struct EndLine<'a> {
-    #[serde(rename = "type")]
-    kind_of_line: &'static str,
-    task_id: i64,
-    status: i32,
-    status_name: &'static str,
-    err: Option<&'a str>,
-    end_time: Option<String>,
+/// The last line of a stream: the task has ended and this is its end.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EndLine<'a> {
+    pub task_id: i64,
+    pub status: i32,
+    pub status_name: Cow<'static, str>,
+    pub err: Option<Cow<'a, str>>,
+    pub end_time: Option<String>,
 }
 
 fn event_line(e: &NewEvent) -> String {
-    let payload = serde_json::from_str::<&RawValue>(&e.payload)
-        .map(Payload::Json)
-        .unwrap_or(Payload::Text(&e.payload));
-    let line = EventLine {
-        kind_of_line: "event",
+    let payload = match serde_json::from_str::<&RawValue>(&e.payload) {
+        Ok(raw) => Cow::Borrowed(raw),
+        // Cut by the database (no longer JSON): sent as a string.
+        Err(_) => match serde_json::value::to_raw_value(&e.payload) {
+            Ok(raw) => Cow::Owned(raw),
+            Err(_) => Cow::Owned(RawValue::NULL.to_owned()),
+        },
+    };
+    let line = StreamLine::Event(EventLine {
         seq: e.seq,
-        host: e.host.as_deref(),
-        kind: &e.kind,
-        task_name: e.task_name.as_deref(),
+        host: e.host.as_deref().map(Cow::Borrowed),
+        kind: Cow::Borrowed(&e.kind),
+        task_name: e.task_name.as_deref().map(Cow::Borrowed),
         time: time::rfc3339(e.created_at),
         payload,
-    };
+    });
     serde_json::to_string(&line).unwrap_or_default()
 }
 
@@ -170,14 +178,13 @@ fn end_bytes(
     err: Option<&str>,
     ended: Option<chrono::NaiveDateTime>,
 ) -> Bytes {
-    let line = EndLine {
-        kind_of_line: "end",
+    let line = StreamLine::End(EndLine {
         task_id: id,
         status,
-        status_name: Status::from_code(status).map_or("unknown", Status::name),
-        err,
+        status_name: Cow::Borrowed(Status::from_code(status).map_or("unknown", Status::name)),
+        err: err.map(Cow::Borrowed),
         end_time: ended.map(time::rfc3339),
-    };
+    });
     let json = serde_json::to_string(&line).unwrap_or_default();
     Bytes::from(match format {
         Format::Ndjson => format!("{json}\n"),

@@ -3,7 +3,9 @@
 //! are untouched.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use super::check::HostRecord;
 use super::{path_id, read_store, success, ApiError, AppState};
@@ -15,12 +17,13 @@ use crate::time;
 pub const MAX_LIMIT: i64 = 1000;
 const DEFAULT_LIMIT: i64 = 50;
 
-#[derive(Serialize)]
+/// A task as `GET /api/tasks` lists it; the CLI reads it back.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TaskItem {
     pub id: i64,
     pub name: String,
     pub status: i32,
-    pub status_name: &'static str,
+    pub status_name: Cow<'static, str>,
     pub source: String,
     pub agent: Option<String>,
     /// How many nodes the task has.
@@ -38,7 +41,7 @@ impl TaskItem {
             id: t.id,
             name: t.name,
             status: t.status,
-            status_name: Status::from_code(t.status).map_or("unknown", Status::name),
+            status_name: Cow::Borrowed(Status::from_code(t.status).map_or("unknown", Status::name)),
             source: t.source,
             agent: t.agent,
             nodes,
@@ -50,12 +53,13 @@ impl TaskItem {
     }
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
+/// A task as `GET /api/tasks/{id}` shows it; the CLI reads it back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Detail<'a> {
     #[serde(flatten)]
-    task: TaskItem,
+    pub task: TaskItem,
     /// The same records as `/api/check`'s `log`.
-    hosts: Vec<HostRecord<'a>>,
+    pub hosts: Vec<HostRecord<'a>>,
 }
 
 /// A status given as its code (`4`) or its name (`success`).
