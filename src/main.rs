@@ -79,6 +79,9 @@ enum TasksCommand {
 }
 
 fn main() -> ExitCode {
+    // Descriptors 0-2 closed at start are opened on /dev/null by Rust's runtime before main
+    // (std's sanitize_standard_fds), so no file the server opens becomes a standard stream
+    // (tests/it/hostile.rs checks it from /proc).
     let cli = Cli::parse();
     if let Command::HashToken = cli.command {
         let mut token = String::new();

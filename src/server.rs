@@ -95,13 +95,16 @@ pub async fn run(
     let persistence = start_writer(&settings, &pool, &db_health, &metrics, committed_tx, &log);
     let slots = QueueSlots::new(settings.max_queued);
     let control_dir = rundir::control_dir(&run_root);
-    let connections = Connections::new(
-        settings.clone(),
-        control_dir.clone(),
-        run_as,
-        log.new(slog::o!("part" => "connections")),
-    )
-    .start();
+    // On a thread of its own: starting masters and asking them (`ssh -O`) never holds up the
+    // task actors.
+    let connections = {
+        let (settings, dir) = (settings.clone(), control_dir.clone());
+        let clog = log.new(slog::o!("part" => "connections"));
+        Connections::start_in_arbiter(
+            &Arbiter::with_tokio_rt(|| runtime("dl-connections", 0)).handle(),
+            move |_| Connections::new(settings, dir, run_as, clog),
+        )
+    };
     let process_tracking = tracking.describe();
     let exec = Exec {
         tracking,

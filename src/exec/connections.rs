@@ -12,10 +12,16 @@
 //! sets to `<run root>/.cp` (0700, owned by `run_as_user` when set). With `ControlMaster=no` a
 //! task's ssh uses a master when its socket is there and connects directly when it is not, so a
 //! master that is not up yet (or failed) costs a task nothing but the warm start.
+//!
+//! The actor runs on a thread of its own (see `server::run`), never the task actors' thread, and
+//! starts masters through [`crate::exec::spawn`] (no copy of the server), at most `max_forks` at
+//! once (ansible itself never opens more connections at once): the rest wait their turn, and a task
+//! whose masters are not up within [`WARM_WAIT`] starts anyway and connects directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -23,12 +29,15 @@ use sha1::{Digest, Sha1};
 use slog::{debug, info, warn, Logger};
 
 use crate::exec::command::RunAs;
+use crate::exec::spawn::{Child, Spawn};
 use crate::settings::Settings;
 
 /// How long a task waits for masters started for it before it starts anyway.
 const WARM_WAIT: Duration = Duration::from_millis(1500);
 /// How often idle and dead masters are looked for.
 const SWEEP: Duration = Duration::from_millis(500);
+/// How often masters being started are looked at (cheap when none is).
+const POLL_STARTING: Duration = Duration::from_millis(50);
 
 /// One master's key: (remote user, host, port).
 type Key = (String, String, u16);
@@ -43,7 +52,7 @@ pub fn control_path(dir: &Path, host: &str, port: u16, user: &str) -> PathBuf {
 /// A master being started: the foreground ssh, which exits once the master is up (it daemonizes,
 /// `ControlPersist`) or has failed.
 struct Starting {
-    child: tokio::process::Child,
+    child: Child,
     socket: PathBuf,
 }
 
@@ -54,6 +63,9 @@ pub struct Connections {
     run_as: Option<RunAs>,
     log: Logger,
     starting: HashMap<Key, Starting>,
+    /// Masters waiting for a turn to start (at most `max_forks` start at once), in order.
+    waiting: VecDeque<Key>,
+    waiting_keys: HashSet<Key>,
     /// Masters up, by key: the daemon's pid (reaped when it ends; the agent is its subreaper).
     up: HashMap<Key, (PathBuf, Option<i32>)>,
 }
@@ -72,63 +84,116 @@ impl Connections {
             run_as,
             log,
             starting: HashMap::new(),
+            waiting: VecDeque::new(),
+            waiting_keys: HashSet::new(),
             up: HashMap::new(),
         }
     }
 
-    /// The ssh command of a master for `key`: it authenticates, then goes to the background and
-    /// closes itself after `ssh_idle_secs` without clients, even if the agent is gone by then.
-    fn master_command(&self, key: &Key, socket: &Path) -> tokio::process::Command {
-        let (user, host, port) = key;
-        let s = &self.settings;
-        let mut cmd = tokio::process::Command::new("ssh");
-        cmd.args(["-M", "-N", "-C", "-o", "ControlMaster=yes"])
-            .arg("-o")
-            .arg(format!("ControlPersist={}", s.ssh_idle_secs))
-            .arg("-o")
-            .arg(format!("ControlPath={}", socket.display()))
-            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
-            .args([
-                "-o",
-                "ServerAliveInterval=15",
-                "-o",
-                "ServerAliveCountMax=3",
-            ])
-            .arg("-p")
-            .arg(port.to_string());
-        if !s.ssh_private_key.is_empty() {
-            cmd.arg("-i").arg(&s.ssh_private_key);
-        }
-        cmd.args(split_args(&s.ssh_common_args))
-            .arg("-l")
-            .arg(user)
-            .arg("--")
-            .arg(host)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env_clear()
-            .kill_on_drop(true);
+    /// Most masters being started at once.
+    fn max_starting(&self) -> usize {
+        self.settings.max_forks.max(1) as usize
+    }
+
+    /// The environment of ssh: the agent's own essentials, `HOME` of `run_as_user` when set.
+    fn ssh(&self) -> Spawn {
+        let mut cmd = Spawn::new("ssh");
         for var in ["PATH", "HOME", "USER", "LOGNAME", "SSH_AUTH_SOCK"] {
-            if let Ok(v) = std::env::var(var) {
+            if let Some(v) = std::env::var_os(var) {
                 cmd.env(var, v);
             }
         }
         if let Some(r) = &self.run_as {
-            cmd.uid(r.uid.as_raw())
-                .gid(r.gid.as_raw())
+            cmd.run_as(r.uid.as_raw(), r.gid.as_raw())
                 .env("HOME", &r.home);
         }
-        // Its own session: no task's process group signal reaches it.
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
+        cmd.current_dir("/");
         cmd
+    }
+
+    /// The ssh command of a master for `key`: it authenticates, then goes to the background and
+    /// closes itself after `ssh_idle_secs` without clients, even if the agent is gone by then. It
+    /// runs in a session of its own (every spawn does): no task's process group signal reaches it.
+    fn master_command(&self, key: &Key, socket: &Path) -> Spawn {
+        let (user, host, port) = key;
+        let s = &self.settings;
+        let mut cmd = self.ssh();
+        cmd.arg("-M")
+            .arg("-N")
+            .arg("-C")
+            .arg("-o")
+            .arg("ControlMaster=yes")
+            .arg("-o")
+            .arg(format!("ControlPersist={}", s.ssh_idle_secs))
+            .arg("-o")
+            .arg(format!("ControlPath={}", socket.display()));
+        for opt in [
+            "BatchMode=yes",
+            "ConnectTimeout=10",
+            "ServerAliveInterval=15",
+            "ServerAliveCountMax=3",
+        ] {
+            cmd.arg("-o").arg(opt);
+        }
+        cmd.arg("-p").arg(port.to_string());
+        if !s.ssh_private_key.is_empty() {
+            cmd.arg("-i").arg(&s.ssh_private_key);
+        }
+        for a in split_args(&s.ssh_common_args) {
+            cmd.arg(a);
+        }
+        cmd.arg("-l").arg(user).arg("--").arg(host);
+        cmd
+    }
+
+    /// `ssh -O <op>` on the master at `socket`: its exit status and what it printed.
+    fn control(
+        &self,
+        op: &str,
+        socket: &Path,
+        host: &str,
+    ) -> std::io::Result<(ExitStatus, String)> {
+        let (mut read, write) = std::io::pipe()?;
+        let mut cmd = self.ssh();
+        cmd.arg("-O")
+            .arg(op)
+            .arg("-o")
+            .arg(format!("ControlPath={}", socket.display()))
+            .arg(host)
+            .output(std::fs::File::from(std::os::fd::OwnedFd::from(write)));
+        let mut child = cmd.spawn()?;
+        // The write end lives only in the child now: the read ends when it exits.
+        drop(cmd);
+        let mut text = String::new();
+        (&mut read).take(64 * 1024).read_to_string(&mut text).ok();
+        Ok((child.wait_blocking()?, text))
+    }
+
+    /// Starts the master for `key` (its turn has come); false if it could not be started.
+    fn start(&mut self, key: Key) -> bool {
+        let socket = control_path(&self.dir, &key.1, key.2, &key.0);
+        match self.master_command(&key, &socket).spawn() {
+            Ok(child) => {
+                debug!(self.log, "starting an ssh master"; "host" => &key.1, "user" => &key.0);
+                self.starting.insert(key, Starting { child, socket });
+                true
+            }
+            Err(e) => {
+                warn!(self.log, "cannot start an ssh master"; "host" => &key.1, "error" => %e);
+                false
+            }
+        }
+    }
+
+    /// Starts waiting masters while fewer than `max_forks` are starting.
+    fn start_waiting(&mut self) {
+        while self.starting.len() < self.max_starting() {
+            let Some(key) = self.waiting.pop_front() else {
+                break;
+            };
+            self.waiting_keys.remove(&key);
+            self.start(key);
+        }
     }
 
     /// Starts the masters missing for these keys; the sockets to wait for.
@@ -136,7 +201,7 @@ impl Connections {
         let mut wait = Vec::new();
         for key in keys {
             let socket = control_path(&self.dir, &key.1, key.2, &key.0);
-            if self.starting.contains_key(&key) {
+            if self.starting.contains_key(&key) || self.waiting_keys.contains(&key) {
                 wait.push(socket);
                 continue;
             }
@@ -145,25 +210,24 @@ impl Connections {
                 if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                     continue;
                 }
-                let _ = std::fs::remove_file(&socket);
-            }
-            match self.master_command(&key, &socket).spawn() {
-                Ok(child) => {
-                    debug!(self.log, "starting an ssh master"; "host" => &key.1, "user" => &key.0);
-                    wait.push(socket.clone());
-                    self.starting.insert(key, Starting { child, socket });
-                }
-                Err(e) => {
-                    warn!(self.log, "cannot start an ssh master"; "host" => &key.1, "error" => %e)
+                if let Err(e) = std::fs::remove_file(&socket) {
+                    warn!(self.log, "cannot remove the dead socket of an ssh master"; "path" => socket.display().to_string(), "error" => %e);
+                    continue;
                 }
             }
+            wait.push(socket);
+            self.waiting_keys.insert(key.clone());
+            self.waiting.push_back(key);
         }
+        self.start_waiting();
         wait
     }
 
-    /// Notes masters that came up or failed, and reaps those that ended (idle, or their node
-    /// went away).
-    fn sweep(&mut self) {
+    /// Notes masters that came up or failed, and starts waiting ones in their place.
+    fn poll_starting(&mut self) {
+        if self.starting.is_empty() {
+            return;
+        }
         let log = self.log.clone();
         let mut came_up = Vec::new();
         self.starting.retain(|key, st| match st.child.try_wait() {
@@ -177,12 +241,41 @@ impl Connections {
                 }
                 false
             }
-            Err(_) => false,
+            Err(e) => {
+                warn!(log, "lost track of an ssh master being started"; "host" => &key.1, "error" => %e);
+                false
+            }
         });
         for (key, socket) in came_up {
-            let pid = master_pid(&socket, &key.1);
+            let pid = self.master_pid(&socket, &key.1);
             self.up.insert(key, (socket, pid));
         }
+        self.start_waiting();
+    }
+
+    /// The pid of the master listening on `socket` (`ssh -O check` says `Master running (pid=N)`).
+    fn master_pid(&self, socket: &Path, host: &str) -> Option<i32> {
+        let (_, text) = match self.control("check", socket, host) {
+            Ok(answer) => answer,
+            Err(e) => {
+                warn!(self.log, "cannot ask an ssh master its pid"; "host" => host, "error" => %e);
+                return None;
+            }
+        };
+        let start = text.find("pid=")? + 4;
+        text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
+    }
+
+    /// Notes masters that came up or failed, and reaps those that ended (idle, or their node
+    /// went away).
+    fn sweep(&mut self) {
+        self.poll_starting();
+        let log = self.log.clone();
         self.up.retain(|key, (socket, pid)| {
             if socket.exists() {
                 return true;
@@ -196,25 +289,6 @@ impl Connections {
     }
 }
 
-/// The pid of the master listening on `socket` (`ssh -O check` says `Master running (pid=N)`).
-fn master_pid(socket: &Path, host: &str) -> Option<i32> {
-    let out = std::process::Command::new("ssh")
-        .args(["-O", "check", "-o"])
-        .arg(format!("ControlPath={}", socket.display()))
-        .arg(host)
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    let start = text.find("pid=")? + 4;
-    text[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
-}
-
 /// ssh options from a settings string, split as a POSIX shell would (shlex); settings validation
 /// has refused a string that does not split.
 pub fn split_args(text: &str) -> Vec<String> {
@@ -226,6 +300,7 @@ impl Actor for Connections {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(SWEEP, |act, _| act.sweep());
+        ctx.run_interval(POLL_STARTING, |act, _| act.poll_starting());
     }
 }
 
@@ -278,15 +353,13 @@ impl Handler<CloseAll> for Connections {
         if msg.tasks_left {
             return;
         }
-        for (key, (socket, pid)) in self.up.drain() {
-            let _ = std::process::Command::new("ssh")
-                .args(["-O", "exit", "-o"])
-                .arg(format!("ControlPath={}", socket.display()))
-                .arg(&key.1)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        self.waiting.clear();
+        self.waiting_keys.clear();
+        let up: Vec<_> = self.up.drain().collect();
+        for (key, (socket, pid)) in up {
+            if let Err(e) = self.control("exit", &socket, &key.1) {
+                warn!(self.log, "cannot close an ssh master (it closes itself when idle)"; "host" => &key.1, "error" => %e);
+            }
             if let Some(pid) = pid {
                 std::thread::sleep(Duration::from_millis(20));
                 crate::exec::procs::reap(&[pid]);

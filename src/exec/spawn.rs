@@ -8,10 +8,15 @@
 //! `do_wp_page` at 200 starts/s). Here the child shares the server's memory and the server's
 //! thread waits until the child has called `execve` (or failed), so nothing is copied.
 //!
-//! The child runs on a stack of its own and only makes raw system calls: no allocation, no lock,
-//! and no glibc `setuid`/`setgroups`, which in a process glibc believes multi-threaded would
-//! broadcast the change to the server's threads. Signals are blocked around the clone; the child
-//! resets every handler the server installed before unblocking them, right before `execve`.
+//! The child runs on a stack of its own and calls only async-signal-safe functions that are each
+//! one system call (`sigaction`, `open`, `write`, `close`, `dup2`, `chdir`, `pthread_sigmask`,
+//! `execve`, and `syscall` itself): no allocation, no lock, and never glibc's `setuid`/`setgroups`,
+//! which in a process glibc believes multi-threaded would broadcast the change to the server's
+//! threads (the ids are changed with raw `syscall`s). Signals are blocked around the clone; the
+//! child resets every handler the server installed before unblocking them, right before `execve`.
+//! After its `dup2`s it closes every other descriptor (`close_range(3, ~0)`), so nothing the
+//! server holds open (a socket between its `socket()` and its `fcntl(FD_CLOEXEC)`) reaches a
+//! playbook running as `run_as_user`.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -55,9 +60,17 @@ impl Drop for Child {
     fn drop(&mut self) {
         if !self.reaped {
             let pid = self.pid;
-            let _ = std::thread::Builder::new()
+            let reaper = std::thread::Builder::new()
                 .name("reaper".into())
-                .spawn(move || reap(pid));
+                .spawn(move || {
+                    // Reaped elsewhere (ECHILD) is what a reaper thread is there to prevent; either
+                    // way the child is gone and nothing waits for its status.
+                    reap(pid).ok();
+                });
+            if let Err(e) = reaper {
+                // No thread to spare: it stays a zombie until this process exits.
+                eprintln!("downlink: cannot start a thread to reap process {pid}: {e}");
+            }
         }
     }
 }
@@ -70,6 +83,7 @@ const STEP_IDS: i32 = 3;
 const STEP_STDIO: i32 = 4;
 const STEP_CWD: i32 = 5;
 const STEP_EXEC: i32 = 6;
+const STEP_FDS: i32 = 7;
 
 fn step_name(step: i32) -> Option<&'static str> {
     match step {
@@ -78,6 +92,7 @@ fn step_name(step: i32) -> Option<&'static str> {
         STEP_IDS => Some("cannot change to the run_as user"),
         STEP_STDIO => Some("cannot redirect standard input and output"),
         STEP_CWD => Some("cannot enter the run directory"),
+        STEP_FDS => Some("cannot close inherited descriptors"),
         _ => None,
     }
 }
@@ -250,7 +265,8 @@ impl Spawn {
             )
         };
         if step != 0 {
-            reap(pid);
+            // It exited (127) after reporting; its status says nothing more.
+            reap(pid).ok();
             let os = io::Error::from_raw_os_error(err);
             return Err(match step_name(step) {
                 Some(what) => io::Error::new(os.kind(), format!("{what}: {os}")),
@@ -271,7 +287,7 @@ impl Spawn {
     }
 }
 
-/// The child, between `clone` and `execve`: raw system calls only.
+/// The child, between `clone` and `execve`: one-system-call, async-signal-safe functions only.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the parent's ChildArgs, alive and untouched while this runs (CLONE_VFORK).
     unsafe {
@@ -324,6 +340,14 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         {
             fail(a, STEP_STDIO);
         }
+        // Everything else the server had open stays with the server. ENOSYS (a kernel before
+        // 5.9): the descriptors the server opens are close-on-exec, which covers all but the race
+        // close_range is here for.
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) < 0
+            && *libc::__errno_location() != libc::ENOSYS
+        {
+            fail(a, STEP_FDS);
+        }
         if libc::chdir(a.cwd) < 0 {
             fail(a, STEP_CWD);
         }
@@ -355,14 +379,34 @@ fn resolve(program: &OsStr, path: Option<&OsStr>) -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
-/// Waits for `pid` (our child) and returns its raw wait status.
-fn reap(pid: i32) -> i32 {
+/// Waits for `pid` (our child) and returns its raw wait status. A child that is no longer ours
+/// to wait for (ECHILD: reaped elsewhere) is an error, never a status: its exit is unknown.
+fn reap(pid: i32) -> io::Result<i32> {
+    wait_pid(pid, 0).map(|status| status.unwrap_or(0))
+}
+
+/// `waitpid(pid, flags)`, retried on EINTR: the raw status, or `None` when `WNOHANG` found the
+/// child still running.
+fn wait_pid(pid: i32, flags: libc::c_int) -> io::Result<Option<i32>> {
     let mut status = 0;
     loop {
         // SAFETY: waitpid on our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return status;
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r > 0 {
+            return Ok(Some(status));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => {
+                return Err(io::Error::other(format!(
+                    "process {pid} was reaped elsewhere: its exit status is unknown"
+                )))
+            }
+            _ => return Err(e),
         }
     }
 }
@@ -382,15 +426,40 @@ impl Child {
                 let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
                     .map_err(|e| e.into_parts().1)?;
                 let _ready = fd.readable().await?;
-                reap(pid)
+                self.reaped = true;
+                reap(pid)?
             }
             // A kernel without pidfds (before 5.3): a blocking thread waits.
-            None => tokio::task::spawn_blocking(move || reap(pid))
-                .await
-                .map_err(io::Error::other)?,
+            None => {
+                let status = tokio::task::spawn_blocking(move || reap(pid))
+                    .await
+                    .map_err(io::Error::other)?;
+                self.reaped = true;
+                status?
+            }
         };
-        self.reaped = true;
         Ok(ExitStatus::from_raw(status))
+    }
+
+    /// Waits on this thread until the child exits, and reaps it.
+    pub fn wait_blocking(&mut self) -> io::Result<ExitStatus> {
+        if self.reaped {
+            return Err(io::Error::other("the child was reaped already"));
+        }
+        self.reaped = true;
+        reap(self.pid).map(ExitStatus::from_raw)
+    }
+
+    /// The exit status if the child has exited (and reaps it), without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if self.reaped {
+            return Err(io::Error::other("the child was reaped already"));
+        }
+        let status = wait_pid(self.pid, libc::WNOHANG).inspect_err(|_| self.reaped = true)?;
+        if status.is_some() {
+            self.reaped = true;
+        }
+        Ok(status.map(ExitStatus::from_raw))
     }
 }
 
@@ -429,6 +498,43 @@ mod tests {
         s.arg("-c").arg("kill -TERM $$");
         let status = s.spawn().unwrap().wait().await.unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    #[tokio::test]
+    async fn a_child_reaped_elsewhere_is_an_error_not_a_success() {
+        let mut child = Spawn::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        // Someone else (a stray waitpid(-1)) takes its status first.
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let err = child.wait().await.unwrap_err();
+        assert!(err.to_string().contains("reaped elsewhere"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_descriptor_of_the_server_reaches_the_child() {
+        let dir = std::env::temp_dir().join(format!("dl-spawn-fds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A descriptor without close-on-exec, as one is between socket() and fcntl().
+        let leaky = File::open("/dev/null").unwrap();
+        let raw = leaky.as_raw_fd();
+        // SAFETY: clears FD_CLOEXEC on our own descriptor.
+        assert_eq!(unsafe { libc::fcntl(raw, libc::F_SETFD, 0) }, 0);
+        let out = dir.join("fds");
+        let mut s = Spawn::new("/bin/ls");
+        s.arg("/proc/self/fd").output(File::create(&out).unwrap());
+        s.spawn().unwrap().wait().await.unwrap();
+        let fds: Vec<String> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        // 0, 1, 2 and the one ls opened to read the directory.
+        assert!(!fds.contains(&raw.to_string()), "{fds:?}");
+        assert!(fds.len() <= 4, "{fds:?}");
+        drop(leaky);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

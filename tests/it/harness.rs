@@ -451,6 +451,22 @@ impl BinServer {
         cwd: &Path,
         extra: &[(&str, String)],
     ) -> BinServer {
+        Self::spawn(settings, dir, cwd, extra, false)
+    }
+
+    /// Starts the binary with descriptors 0, 1 and 2 closed (as a careless supervisor or a
+    /// `nohup … <&- >&- 2>&-` would): nothing of it is logged.
+    pub fn start_with_stdio_closed(settings: &Settings, dir: &Path) -> BinServer {
+        Self::spawn(settings, dir, dir, &[], true)
+    }
+
+    fn spawn(
+        settings: &Settings,
+        dir: &Path,
+        cwd: &Path,
+        extra: &[(&str, String)],
+        closed_stdio: bool,
+    ) -> BinServer {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().expect("addr").port()
@@ -458,7 +474,20 @@ impl BinServer {
         let log_path = dir.join(format!("server-{}.log", unique("run")));
         let log = std::fs::File::create(&log_path).expect("log file");
         let started = chrono::Utc::now();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_downlink"))
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_downlink"));
+        if closed_stdio {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: close is async-signal-safe; the child closes its own standard streams.
+            unsafe {
+                cmd.pre_exec(|| {
+                    for fd in 0..3 {
+                        nix::libc::close(fd);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("serve")
             .current_dir(cwd)
             .env_clear()

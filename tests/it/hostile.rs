@@ -309,3 +309,51 @@ fn every_text_field_from_a_playbook_is_stored_clean(backend: Backend) {
         Some("ansible-playbook exited with code 4: [ERROR]: out\u{FFFD}put \u{FFFD}")
     );
 }
+
+/// A server started with its standard streams closed: the first files it opens would take
+/// descriptors 0–2 (a socket as "standard error" gets the log lines; a task's output file as 0 is
+/// overwritten by the child's stdin). Seen from outside: the server's descriptors 0–2 are
+/// `/dev/null` (read in /proc), the task ends 4 with ansible's own recap in its output file, and
+/// the SQLite file passes `PRAGMA integrity_check` read by plain SQL.
+#[test]
+fn a_server_started_with_its_standard_streams_closed_keeps_its_files_apart() {
+    use crate::harness::{test_settings, BinServer, DbView, TempDir, TestDb};
+    let dir = TempDir::new();
+    let db = TestDb::new(Backend::Sqlite, &dir.0);
+    let mut settings = test_settings(&dir.0);
+    settings.database_url = db.url.clone();
+    let view = DbView::open(&db.url);
+    let server = BinServer::start_with_stdio_closed(&settings, &dir.0);
+    let (_, text) = server.post(
+        "/api/run",
+        &run_body("closed-stdio", &HOSTS[..2], "- ping:\n").to_string(),
+    );
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    let id = answer["content"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{text}"));
+    let task = view.wait_end(id, 90);
+    assert_eq!(task.status, 4, "{task:?}");
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", server.child.id()));
+        assert_eq!(
+            target.ok(),
+            Some(std::path::PathBuf::from("/dev/null")),
+            "descriptor {fd} of the server"
+        );
+    }
+    let output =
+        std::fs::read_to_string(crate::harness::task_dir(&settings, id).join("output.log"))
+            .unwrap_or_default();
+    assert!(output.contains("PLAY RECAP"), "{output}");
+    let integrity = view.read(|c| {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            integrity_check: String,
+        }
+        use diesel::RunQueryDsl;
+        Ok(diesel::sql_query("PRAGMA integrity_check").load::<Row>(c)?)
+    });
+    assert_eq!(integrity[0].integrity_check, "ok");
+}
