@@ -2,71 +2,32 @@
 //! more, so both backends hold the same value), shown as HTTP dates in `/api/check` and as RFC 3339
 //! seconds in log lines.
 
-use chrono::{DateTime, Datelike, NaiveDateTime, SubsecRound, Timelike, Utc};
+use std::time::UNIX_EPOCH;
+
+use chrono::{DateTime, Datelike, NaiveDateTime, SecondsFormat, SubsecRound, Utc};
 
 /// Now, in UTC, to the microsecond.
 pub fn now() -> NaiveDateTime {
     Utc::now().naive_utc().trunc_subsecs(6)
 }
 
-/// `Wed, 17 Aug 2016 18:38:17 GMT`. Written by hand: chrono's `format` reads its pattern again
-/// on every call, and a check answer holds 2 + 2 × hosts dates (a tenth of the server's CPU under
-/// `/api/check` load).
+/// `Wed, 17 Aug 2016 18:38:17 GMT`, by `httpdate` (IMF-fixdate, RFC 9110). A check answer holds
+/// 2 + 2 × hosts of them: chrono's `format` would read its pattern again on every call
+/// (`benches/dates.rs`). A time httpdate cannot write (before 1970 or after 9999: a row a DBA
+/// edited) is written by chrono instead.
 pub fn http_date(t: NaiveDateTime) -> String {
-    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mut out = String::with_capacity(29);
-    out.push_str(DAYS[t.weekday().num_days_from_monday() as usize]);
-    out.push_str(", ");
-    push_digits(&mut out, t.day(), 2);
-    out.push(' ');
-    out.push_str(MONTHS[t.month0() as usize]);
-    out.push(' ');
-    push_year(&mut out, t.year());
-    out.push(' ');
-    push_clock(&mut out, t);
-    out.push_str(" GMT");
-    out
+    let since_epoch = t.and_utc().timestamp();
+    match u64::try_from(since_epoch) {
+        Ok(secs) if t.year() <= 9999 => {
+            httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        }
+        _ => t.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+    }
 }
 
-/// `2017-07-27T16:37:04Z`.
+/// `2017-07-27T16:37:04Z`, by chrono's `to_rfc3339_opts` (no pattern to read again per call).
 pub fn rfc3339(t: NaiveDateTime) -> String {
-    let mut out = String::with_capacity(20);
-    push_year(&mut out, t.year());
-    out.push('-');
-    push_digits(&mut out, t.month(), 2);
-    out.push('-');
-    push_digits(&mut out, t.day(), 2);
-    out.push('T');
-    push_clock(&mut out, t);
-    out.push('Z');
-    out
-}
-
-/// `HH:MM:SS`.
-fn push_clock(out: &mut String, t: NaiveDateTime) {
-    push_digits(out, t.hour(), 2);
-    out.push(':');
-    push_digits(out, t.minute(), 2);
-    out.push(':');
-    push_digits(out, t.second(), 2);
-}
-
-/// Four digits, as chrono's `%Y` writes years 0 to 9999 (others as it does too).
-fn push_year(out: &mut String, year: i32) {
-    match u32::try_from(year) {
-        Ok(y) if y <= 9999 => push_digits(out, y, 4),
-        _ => out.push_str(&format!("{year:+}")),
-    }
-}
-
-/// `n` in exactly `width` decimal digits (`n` below 10^width).
-fn push_digits(out: &mut String, n: u32, width: u32) {
-    for i in (0..width).rev() {
-        out.push(char::from(b'0' + (n / 10u32.pow(i) % 10) as u8));
-    }
+    t.and_utc().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// Reads the callback plugin's `2017-07-27T16:37:04.123456Z`.
@@ -93,7 +54,21 @@ mod tests {
     }
 
     #[test]
-    fn hand_written_formats_equal_chrono_s() {
+    fn times_httpdate_cannot_write_are_written_alike() {
+        for (y, text) in [
+            (1969, "Wed, 31 Dec 1969 23:59:59 GMT"),
+            (10000, "Sun, 31 Dec +10000 23:59:59 GMT"),
+        ] {
+            let t = NaiveDate::from_ymd_opt(y, 12, 31)
+                .unwrap()
+                .and_hms_opt(23, 59, 59)
+                .unwrap();
+            assert_eq!(http_date(t), text);
+        }
+    }
+
+    #[test]
+    fn formats_equal_chrono_s_patterns() {
         // Every day from 1999 to 2101 (leap days, every weekday and month), at varying times.
         let mut t = NaiveDate::from_ymd_opt(1999, 1, 1)
             .unwrap()

@@ -5,10 +5,13 @@
 
 use std::time::Duration;
 
+use diesel::dsl::sql;
+use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Text, Timestamp};
 
 use crate::store::db::DbConnection;
+use crate::store::schema::agents;
 use crate::store::StoreError;
 
 /// How many heartbeat intervals an agent may miss before it counts as lost.
@@ -43,72 +46,68 @@ impl Identity {
     }
 }
 
-/// The database's own "now", in UTC, as each backend writes it.
-fn now_sql(conn: &DbConnection) -> &'static str {
-    match conn {
+/// The database's own "now", in UTC, as each backend writes it: every agent's times are on the
+/// one clock of the database, never the agents' own.
+fn db_now(conn: &DbConnection) -> SqlLiteral<Timestamp> {
+    sql::<Timestamp>(match conn {
         DbConnection::Pg(_) => "(now() AT TIME ZONE 'UTC')",
         DbConnection::Sqlite(_) => "strftime('%Y-%m-%d %H:%M:%f', 'now')",
-    }
-}
-
-/// `$n` on PostgreSQL, `?` on SQLite.
-fn placeholders(conn: &DbConnection, sql: &str) -> String {
-    match conn {
-        DbConnection::Pg(_) => {
-            let mut n = 0;
-            sql.chars()
-                .map(|c| {
-                    if c == '?' {
-                        n += 1;
-                        format!("${n}")
-                    } else {
-                        c.to_string()
-                    }
-                })
-                .collect()
-        }
-        DbConnection::Sqlite(_) => sql.to_owned(),
-    }
+    })
 }
 
 /// Records a starting agent: its row is written afresh, `active`, started and beating now.
 pub fn register(conn: &mut DbConnection, me: &Identity) -> Result<(), StoreError> {
-    let now = now_sql(conn);
-    let sql = placeholders(
-        conn,
-        &format!(
-            "INSERT INTO agents (name, host, pid, boot_id, version, started_at, heartbeat_at, \
-             max_forks, state) VALUES (?, ?, ?, ?, ?, {now}, {now}, ?, 'active') \
-             ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid, \
-             boot_id = excluded.boot_id, version = excluded.version, \
-             started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, \
-             max_forks = excluded.max_forks, state = 'active'"
-        ),
+    let now = db_now(conn);
+    let row = (
+        agents::host.eq(&me.host),
+        agents::pid.eq(me.pid),
+        agents::boot_id.eq(&me.boot_id),
+        agents::version.eq(&me.version),
+        agents::started_at.eq(now.clone()),
+        agents::heartbeat_at.eq(now),
+        agents::max_forks.eq(me.max_forks),
+        agents::state.eq("active"),
     );
-    diesel::sql_query(sql)
-        .bind::<Text, _>(&me.name)
-        .bind::<Text, _>(&me.host)
-        .bind::<Integer, _>(me.pid)
-        .bind::<Text, _>(&me.boot_id)
-        .bind::<Text, _>(&me.version)
-        .bind::<Integer, _>(me.max_forks)
+    // Written afresh either way: an update of the row, or a new one.
+    let updated = diesel::update(agents::table.find(&me.name))
+        .set(row.clone())
         .execute(conn)?;
+    if updated == 0 {
+        let inserted = diesel::insert_into(agents::table)
+            .values((agents::name.eq(&me.name), row.clone()))
+            .execute(conn);
+        match inserted {
+            Ok(_) => {}
+            // Another process under this name inserted it between the two statements.
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            )) => {
+                diesel::update(agents::table.find(&me.name))
+                    .set(row)
+                    .execute(conn)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
+}
+
+/// This agent's own row: its name, written by this process.
+macro_rules! mine {
+    ($me:expr) => {
+        agents::table
+            .filter(agents::name.eq(&$me.name))
+            .filter(agents::pid.eq($me.pid))
+    };
 }
 
 /// A heartbeat of this agent. If its row is gone, or another process under the same name wrote
 /// it, the row is written again and the answer is false.
 pub fn heartbeat(conn: &mut DbConnection, me: &Identity) -> Result<bool, StoreError> {
-    let sql = placeholders(
-        conn,
-        &format!(
-            "UPDATE agents SET heartbeat_at = {} WHERE name = ? AND pid = ?",
-            now_sql(conn)
-        ),
-    );
-    let updated = diesel::sql_query(sql)
-        .bind::<Text, _>(&me.name)
-        .bind::<Integer, _>(me.pid)
+    let now = db_now(conn);
+    let updated = diesel::update(mine!(me))
+        .set(agents::heartbeat_at.eq(now))
         .execute(conn)?;
     if updated == 0 {
         register(conn, me)?;
@@ -118,13 +117,8 @@ pub fn heartbeat(conn: &mut DbConnection, me: &Identity) -> Result<bool, StoreEr
 
 /// Marks this agent as draining (it is shutting down).
 pub fn draining(conn: &mut DbConnection, me: &Identity) -> Result<(), StoreError> {
-    let sql = placeholders(
-        conn,
-        "UPDATE agents SET state = 'draining' WHERE name = ? AND pid = ?",
-    );
-    diesel::sql_query(sql)
-        .bind::<Text, _>(&me.name)
-        .bind::<Integer, _>(me.pid)
+    diesel::update(mine!(me))
+        .set(agents::state.eq("draining"))
         .execute(conn)?;
     Ok(())
 }

@@ -78,7 +78,28 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Every agent that serves this database.
+    agents (name) {
+        name -> Text,
+        host -> Text,
+        pid -> Integer,
+        boot_id -> Text,
+        version -> Text,
+        started_at -> Timestamp,
+        heartbeat_at -> Timestamp,
+        max_forks -> Integer,
+        state -> Text,
+    }
+}
+
 diesel::joinable!(tasks -> task_statuses (status));
 diesel::joinable!(task_hosts -> tasks (task_id));
 diesel::joinable!(task_events -> tasks (task_id));
-diesel::allow_tables_to_appear_in_same_query!(task_statuses, tasks, task_hosts, task_events);
+diesel::allow_tables_to_appear_in_same_query!(
+    task_statuses,
+    tasks,
+    task_hosts,
+    task_events,
+    agents
+);
