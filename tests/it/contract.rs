@@ -4,7 +4,17 @@ use serde_json::json;
 
 use crate::both_backends;
 use crate::harness::{run_body, Backend, TestServer, DEAD, HOSTS};
-use downlink::time::{http_date, rfc3339};
+
+/// The contract's HTTP date (`Wed, 17 Aug 2016 18:38:17 GMT`), written by chrono's pattern here:
+/// never by the code under test.
+fn http_date(t: chrono::NaiveDateTime) -> String {
+    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// The contract's RFC 3339 date (`2017-07-27T16:37:04Z`), by chrono's pattern.
+fn rfc3339(t: chrono::NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
 
 const PING: &str = "- ping:\n";
 

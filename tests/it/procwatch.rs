@@ -51,6 +51,11 @@ fn all() -> Vec<(Proc, Option<std::path::PathBuf>)> {
         .unwrap_or_default()
 }
 
+/// Every live process of the machine with its working directory.
+pub fn snapshot_with_cwd() -> Vec<(Proc, Option<std::path::PathBuf>)> {
+    all()
+}
+
 /// Every live process of the machine.
 pub fn snapshot() -> Vec<Proc> {
     all().into_iter().map(|(p, _)| p).collect()
