@@ -8,7 +8,7 @@ use diesel::{QueryableByName, RunQueryDsl};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    figure, run_body, test_settings, Backend, BinServer, DbView, TempDir, TestDb, HOSTS,
+    figure, run_body, test_settings, wait_until, Backend, BinServer, DbView, TempDir, TestDb, HOSTS,
 };
 
 /// A PostgreSQL database for agents, a directory for their run directories and logs.
@@ -70,12 +70,49 @@ fn rows(view: &DbView) -> Vec<Row> {
     })
 }
 
-#[derive(QueryableByName, Debug)]
-struct Running {
-    #[diesel(sql_type = Nullable<Text>)]
-    agent: Option<String>,
+#[derive(QueryableByName)]
+struct Silent {
     #[diesel(sql_type = BigInt)]
-    forks: i64,
+    ms: i64,
+}
+
+/// The forks each agent's `ansible-playbook` processes run with right now, from /proc (no
+/// downlink code, no column the agent writes): per agent, the sum over its live task directories
+/// of the `--forks` on their ansible command line.
+fn forks_running(agents: &[downlink::settings::Settings]) -> BTreeMap<String, i64> {
+    let roots: Vec<(String, std::path::PathBuf)> = agents
+        .iter()
+        .map(|s| {
+            let run_dir = s
+                .run_dir
+                .canonicalize()
+                .unwrap_or_else(|_| s.run_dir.clone());
+            (s.agent_name.clone(), run_dir.join(&s.agent_name))
+        })
+        .collect();
+    let mut per_dir: BTreeMap<std::path::PathBuf, (String, i64)> = BTreeMap::new();
+    for (p, cwd) in crate::procwatch::snapshot_with_cwd() {
+        let Some(cwd) = cwd else { continue };
+        let Some((agent, _)) = roots
+            .iter()
+            .find(|(_, root)| cwd.parent() == Some(root.as_path()))
+        else {
+            continue;
+        };
+        let words: Vec<&str> = p.cmdline.split(' ').collect();
+        let forks = words
+            .iter()
+            .position(|w| *w == "--forks")
+            .and_then(|at| words.get(at + 1)?.parse().ok());
+        if let Some(forks) = forks {
+            per_dir.insert(cwd, (agent.clone(), forks));
+        }
+    }
+    let mut per_agent = BTreeMap::new();
+    for (agent, forks) in per_dir.into_values() {
+        *per_agent.entry(agent).or_default() += forks;
+    }
+    per_agent
 }
 
 /// Three agents on one PostgreSQL, two forks each. A `parallel_run` through a busy agent is run by
@@ -166,17 +203,10 @@ fn three_agents_on_one_postgres_act_as_one_queue() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut peak: BTreeMap<String, i64> = BTreeMap::new();
     loop {
-        let running: Vec<Running> = view.read(|c| {
-            Ok(diesel::sql_query(
-                "SELECT agent, SUM(forks)::bigint AS forks FROM tasks WHERE status = 2 GROUP BY agent",
-            )
-            .load(c)?)
-        });
-        for r in running {
-            let agent = r.agent.unwrap_or_else(|| "(none)".into());
-            assert!(r.forks <= 2, "{agent} runs {} forks at once", r.forks);
+        for (agent, forks) in forks_running(&settings) {
+            assert!(forks <= 2, "{agent} runs {forks} forks at once");
             let p = peak.entry(agent).or_default();
-            *p = (*p).max(r.forks);
+            *p = (*p).max(forks);
         }
         let all = rows(&view);
         if all
@@ -332,14 +362,6 @@ fn row(view: &DbView, id: i64) -> downlink::store::Task {
     view.task(id)
 }
 
-fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// kill -9 of an agent while it runs two tasks: another agent keeps serving and notes the loss on
 /// them; restarted within the grace, the agent adopts both (one then ends by itself, its true
 /// end); killed again and not restarted, its task ends 7 past the grace, saying which agent was
@@ -406,8 +428,21 @@ fn a_lost_agent_loses_nothing_and_nothing_runs_twice() {
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     let killed = Instant::now();
-    // A stop through b while a is lost: the answer says so, and the stop stays recorded.
-    std::thread::sleep(Duration::from_secs(4));
+    // A stop through b while a is lost (its lease, 3 heartbeats, ran out on the database's clock):
+    // the answer says so, and the stop stays recorded.
+    wait_until("agent a's lease runs out", 20, || {
+        let silent: Vec<Silent> = view.read(|c| {
+            Ok(diesel::sql_query(
+                "SELECT CAST(EXTRACT(EPOCH FROM ((now() AT TIME ZONE 'UTC') - heartbeat_at)) * 1000 AS BIGINT) AS ms \
+                 FROM agents WHERE name = $1",
+            )
+            .bind::<Text, _>(&a_settings.agent_name)
+            .load(c)?)
+        });
+        silent
+            .first()
+            .is_some_and(|s| s.ms > 3 * 1000 * a_settings.heartbeat_secs as i64 + 500)
+    });
     let (_, answer) = b.post(
         "/api/stop",
         &json!({"id": long, "name": "long"}).to_string(),
@@ -520,9 +555,8 @@ fn cluster_max_forks_caps_every_agent_together() {
         s.cluster_max_forks = 3;
         s
     };
-    let servers: Vec<BinServer> = (0..2)
-        .map(|n| BinServer::start(&agent(n), &dir.0))
-        .collect();
+    let agents: Vec<downlink::settings::Settings> = (0..2).map(agent).collect();
+    let servers: Vec<BinServer> = agents.iter().map(|s| BinServer::start(s, &dir.0)).collect();
     let mut ids = Vec::new();
     for i in 0..8 {
         let mut body = run_body(
@@ -536,13 +570,8 @@ fn cluster_max_forks_caps_every_agent_together() {
     let mut peak = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let running: Vec<Running> = view.read(|c| {
-            Ok(diesel::sql_query(
-                "SELECT agent, SUM(forks)::bigint AS forks FROM tasks WHERE status = 2 GROUP BY agent",
-            )
-            .load(c)?)
-        });
-        let total: i64 = running.iter().map(|r| r.forks).sum();
+        let running = forks_running(&agents);
+        let total: i64 = running.values().sum();
         assert!(
             total <= 3,
             "{total} forks at once over the agents: {running:?}"

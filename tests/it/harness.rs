@@ -718,3 +718,13 @@ pub fn spawn(settings: Settings, log: slog::Logger) -> anyhow::Result<Spawned> {
         thread: Some(thread),
     })
 }
+
+/// Waits until `done` answers true, checking every 50 ms; fails the test after `secs`, naming
+/// `what` it waited for.
+pub fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -8,8 +8,8 @@ use serde_json::json;
 
 use crate::both_backends;
 use crate::harness::{
-    run_body, task_dir, task_processes, test_settings, BinServer, DbView, TempDir, TestDb,
-    TestServer, DEAD, HOSTS,
+    run_body, task_dir, task_processes, test_settings, wait_until, BinServer, DbView, TempDir,
+    TestDb, TestServer, DEAD, HOSTS,
 };
 use crate::procwatch;
 use downlink::store::{self, HostRow, Task};
@@ -110,14 +110,23 @@ fn kill_9_and_restart_end_every_task_as_without_a_crash(backend: crate::harness:
         view.wait_status(*id, &[2], 30);
     }
     assert_eq!(view.task(later).status, 1);
-    // Let the tasks get going, then crash the server and kill one task's whole process group.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once every task has stored events (its playbook is under way), crash the server and kill
+    // one task's whole process group.
+    wait_until("every task stores events", 30, || {
+        ids.iter()
+            .chain([&victim])
+            .all(|id| !view.events(*id).is_empty())
+    });
     first.signal(Signal::SIGKILL);
     first.wait_exit(10);
     let victim_pid = view.task(victim).pid.expect("victim pid recorded");
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(victim_pid), Signal::SIGKILL).unwrap();
     // The short tasks end while no server runs.
-    std::thread::sleep(Duration::from_secs(3));
+    wait_until("the short tasks' processes end", 60, || {
+        ids[1..]
+            .iter()
+            .all(|id| crate::procwatch::of_task(&task_dir(&settings, *id)).is_empty())
+    });
 
     let second = BinServer::start(&settings, &dir.0);
     for (i, id) in ids.iter().enumerate() {
@@ -245,7 +254,9 @@ fn sigterm_with_stop_tasks_on_shutdown_stops_them() {
     let mut server = BinServer::start(&settings, &dir.0);
     let id = run(&server, run_body("stopped-at-shutdown", &HOSTS, VICTIM));
     view.wait_status(id, &[2], 30);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("its playbook is under way", 30, || {
+        !view.events(id).is_empty()
+    });
     server.signal(Signal::SIGTERM);
     let (code, _) = server.wait_exit(20);
     assert_eq!(code, Some(0));
@@ -469,8 +480,8 @@ fn an_agent_finds_its_tasks_by_its_name_wherever_it_starts() {
     // Another agent on the same database leaves them alone.
     let mut other_settings = settings.clone();
     other_settings.agent_name = "other-agent".into();
+    // Serving means its recovery plan is carried out (it is, before it listens).
     let mut other = BinServer::start_in(&other_settings, &dir.0, &cwd_b);
-    std::thread::sleep(Duration::from_secs(1));
     assert_eq!((view.task(kept).status, view.task(lost).status), (2, 2));
     assert_eq!(
         view.task(kept).agent.as_deref(),
@@ -641,9 +652,7 @@ fn an_agent_is_a_row_with_a_heartbeat_and_shows_lost_once_killed(backend: crate:
     };
     let (first, pid) = beat();
     assert_eq!(pid, server.child.id() as i32);
-    std::thread::sleep(Duration::from_millis(2500));
-    let (later, _) = beat();
-    assert!(later > first, "no heartbeat: {first} then {later}");
+    wait_until("a second heartbeat", 10, || beat().0 > first);
     let line = agents_listed(&settings)
         .into_iter()
         .find(|l| l.starts_with(&name))
@@ -653,10 +662,12 @@ fn an_agent_is_a_row_with_a_heartbeat_and_shows_lost_once_killed(backend: crate:
     assert_eq!(fields.last(), Some(&"active"), "{line}");
     server.signal(Signal::SIGKILL);
     server.wait_exit(10);
-    std::thread::sleep(Duration::from_millis(3500));
-    let line = agents_listed(&settings)
-        .into_iter()
-        .find(|l| l.starts_with(&name))
-        .expect("the agent is still listed");
-    assert!(line.ends_with(" lost"), "{line}");
+    // Three missed heartbeats later it shows as lost, and stays listed.
+    wait_until("the killed agent shows as lost", 15, || {
+        agents_listed(&settings)
+            .into_iter()
+            .find(|l| l.starts_with(&name))
+            .expect("the agent is still listed")
+            .ends_with(" lost")
+    });
 }

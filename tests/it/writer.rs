@@ -11,7 +11,7 @@ use diesel::Connection;
 use serde_json::{json, Value};
 
 use crate::both_backends;
-use crate::harness::{figure, request, run_body, Backend, TestServer, HOSTS};
+use crate::harness::{figure, request, run_body, wait_until, Backend, TestServer, HOSTS};
 
 both_backends!(
     rows_the_database_refuses_are_repaired_and_the_writer_goes_on,
@@ -256,8 +256,14 @@ fn ends_given_up_during_an_outage_are_written_when_the_database_returns() {
         body,
         json!({"code": -1, "message": "database unavailable, retry later"}).to_string()
     );
-    // The running task ends meanwhile; its end is given up after db_retry_secs.
-    std::thread::sleep(Duration::from_secs(8));
+    // The running task ends meanwhile (its end.json is written beside it) ...
+    wait_until("the running task ends in the outage", 30, || {
+        server.run_dir(running).join("end.json").exists()
+            && crate::harness::task_processes(&server.run_dir(running)).is_empty()
+    });
+    // ... and the write of its end is given up once db_retry_secs have passed: a timeout is the
+    // condition here, so it is waited for as one.
+    std::thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
     database_away(server.db_url(), false);
     let ended = server.wait_end(running, 30);
@@ -278,9 +284,11 @@ fn ends_given_up_during_an_outage_are_written_when_the_database_returns() {
         !server.run_dir(pending).join("output.log").exists(),
         "it never ran"
     );
-    // And it stays so.
-    std::thread::sleep(Duration::from_secs(3));
+    // And it stays so: a task queued after it runs and ends, and it never ran.
+    let after = server.run(run_body("after-the-outage", &[HOSTS[1]], "- ping:\n"));
+    assert_eq!(server.wait_end(after, 60).status, 4);
     assert_eq!(server.task(pending).status, 5);
+    assert!(!server.run_dir(pending).join("output.log").exists());
 }
 
 #[test]
