@@ -3,31 +3,22 @@
 //! budget, time limits), with every status change and every host's result recorded in PostgreSQL
 //! or the embedded SQLite file.
 //!
-//! The parts of `DESIGN.md` and where they live:
+//! A short tour, from the bottom up (`ARCHITECTURE.md` at the top of the repository has the code
+//! map, the layer table a test holds the imports to, and the invariants):
 //!
-//! - HTTP handlers, one file per endpoint: [`api`] (`api/run.rs`, `api/stop.rs`, …); the shared
-//!   envelope, headers and error strings are in `api.rs`, request fields in `api/fields.rs`.
-//! - [`supervisor::TaskSupervisor`]: queue, forks budget, stop routing, `parallel_run` waiters;
-//!   [`claim`]: the queue shared by every agent on one PostgreSQL (`shared_queue`).
-//! - [`task::TaskActor`]: one per running task; owns its process group and run directory;
-//!   `task/verdict.rs` turns how it ended into status and `err`.
-//! - [`persistence::Persistence`]: the only database writer (an ordered queue applied on the
-//!   blocking pool); it retries only unavailability and repairs writes the database refuses.
-//! - [`clean`]: the one place where text from playbooks and nodes is made storable.
-//! - [`recovery`]: what an earlier run left (adopt, end, re-queue), as a plan the supervisor runs;
-//!   [`retention`]: old tasks lose their events and run directories.
-//! - [`store`]: diesel queries shared by both backends; [`db`]: connections, pool, migrations.
-//! - [`ansible`]: playbook and params shapes, the run directory, the callback plugin's events and
-//!   the bounded reader of its file (`ansible/tail.rs`).
-//! - [`exec`]: the execution layer: a task is a cgroup (`exec/cgroup.rs`), the agent's warm SSH
-//!   masters (`exec/connections.rs`), the task's mark on its nodes and its cleanup there
-//!   (`exec/remote.rs`).
-//! - [`procs`]: `/proc` reads (start times, the environment marker) for adoption and the fallback.
-//! - [`auth`]: bearer tokens and the client allow-list; [`health`]: `/healthz` and `/readyz`;
-//!   [`metrics`]: what `/metrics` shows.
-//! - [`cli`]: `downlink tasks …`, a client of the HTTP API.
-//! - [`settings`], [`logging`], [`server`] (wiring, graceful shutdown),
-//!   [`status`], [`time`].
+//! - [`status`], [`time`], [`settings`], [`logging`], [`metrics`]: the foundation everyone uses.
+//! - [`store`]: the database: queries for both backends, the HTTP workers' readers, and
+//!   [`store::persistence::Persistence`], the only writer, which retries unavailability and
+//!   repairs what the database refuses; [`store::clean`] makes text from outside storable.
+//! - [`cluster`]: many agents on one PostgreSQL (agents as rows, the shared queue's claims).
+//! - [`ansible`]: playbook shapes, the run directory, the callback plugin and its events.
+//! - [`exec`]: processes: spawning without copying the server, a task's cgroup, the agent's SSH
+//!   masters, the cleanup on the nodes.
+//! - [`task::TaskActor`]: one per running task, from spawn (or adoption) to its recorded end.
+//! - [`supervisor::TaskSupervisor`]: admission (the FIFO queue and forks budget), end routing,
+//!   the shared queue, and the recovery plan after a restart.
+//! - [`api`]: the HTTP endpoints, one file each; [`server`] puts the parts together and shuts
+//!   them down in order; [`cli`] is `downlink tasks …`, a client of the HTTP API.
 
 pub mod ansible;
 pub mod api;

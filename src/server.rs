@@ -1,4 +1,4 @@
-//! Putting the parts together: [`prepare`] opens and migrates the database, installs the
+//! Putting the parts together: [`prepare()`] opens and migrates the database, installs the
 //! callback plugin and plans the recovery of what an earlier run left behind; [`run`] starts the
 //! actors, carries out that plan, serves HTTP on an already-bound listener (so tests bind
 //! `127.0.0.1:0`) until asked to shut down, and shuts down in order.
@@ -61,7 +61,7 @@ pub fn runtime(name: &'static str, prestart: usize) -> tokio::runtime::Runtime {
                 })
                 .collect();
             for s in started {
-                let _ = s.await;
+                s.await.ok();
             }
         });
     }

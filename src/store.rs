@@ -250,7 +250,7 @@ fn write_transaction<T>(
         Err(e) => {
             // The statement's error is the one worth reporting; a failed rollback marks the
             // connection broken, and the pool replaces it.
-            let _ = Manager::rollback_transaction(conn);
+            Manager::rollback_transaction(conn).ok();
             Err(e)
         }
     }

@@ -249,10 +249,12 @@ pub fn bound_output(output: &Path, limit: u64) -> io::Result<u64> {
 pub fn note_output_cut(output: &Path, limit: u64, cut: u64) {
     use std::io::Write;
     if let Ok(mut f) = fs::OpenOptions::new().append(true).open(output) {
-        let _ = writeln!(
+        // A note that cannot be written (a full disk) leaves the output as it is.
+        writeln!(
             f,
             "\n[downlink] output.log reached max_output_bytes ({limit} bytes): {cut} more bytes of ansible's output were not kept"
-        );
+        )
+        .ok();
     }
 }
 

@@ -23,7 +23,8 @@ async fn ended_anywhere(
     mut here: tokio::sync::oneshot::Receiver<()>,
 ) {
     if !state.settings.shared_queue {
-        let _ = here.await;
+        // Answered at the task's end, or dropped at shutdown: either way the wait is over.
+        here.await.ok();
         return;
     }
     loop {

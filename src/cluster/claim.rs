@@ -7,8 +7,9 @@
 //! this agent's free forks and, with `cluster_max_forks`, in what the cluster has left; otherwise
 //! nobody behind it is taken either. The claimer writes its `agent_name` into the row and runs it.
 //!
-//! Agents are woken by `NOTIFY downlink_queue`, sent in the transaction of every insert and every
-//! end (so at their commit); each also claims every second, in case a notification is lost.
+//! Agents are woken by `NOTIFY downlink_queue`, sent right after an unclaimed insert has committed
+//! and with every end (inside the writer's batch transaction, so at its commit, or right after
+//! the end's own); each agent also claims every second, in case a notification is lost.
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable};

@@ -16,7 +16,7 @@
 //! The actor runs on a thread of its own (see `server::run`), never the task actors' thread, and
 //! starts masters through [`crate::exec::spawn`] (no copy of the server), at most `max_forks` at
 //! once (ansible itself never opens more connections at once): the rest wait their turn, and a task
-//! whose masters are not up within [`WARM_WAIT`] starts anyway and connects directly.
+//! whose masters are not up within `WARM_WAIT` (1.5 s) starts anyway and connects directly.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;

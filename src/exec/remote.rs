@@ -18,9 +18,6 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio::sync::Semaphore;
 
-/// The environment variable that marks a task's processes on the nodes.
-pub const REMOTE_MARK_VAR: &str = "DOWNLINK_TASK";
-
 /// The script run on a node with the mark as `$1`: prints `killed N left M`.
 /// One grep reads every environment block (NUL-separated: `-z`); a node without GNU grep's `-z`
 /// falls back to one `tr | grep` per process.
@@ -165,7 +162,9 @@ pub async fn clean(
         }
     };
     // Past the limit, the nodes not done are reported as such by the caller.
-    let _ = tokio::time::timeout(limit + Duration::from_millis(500), all).await;
+    tokio::time::timeout(limit + Duration::from_millis(500), all)
+        .await
+        .ok();
     out
 }
 

@@ -13,7 +13,7 @@
 //! - **The database refused the data** (constraint and data errors, a trigger's refusal, anything
 //!   else while the same connection still answers `SELECT 1`): never retried. The write is
 //!   repaired at once, part by part: an event that is refused is replaced by an `event_dropped`
-//!   marker, a host row without its message, an end without its details (see [`repair`]). Each
+//!   marker, a host row without its message, an end without its details (see `apply.rs`). Each
 //!   dropped part is logged and counted ([`DbHealth::repaired`], shown by `/readyz`), and the writes
 //!   behind it go on at once.
 //!

@@ -170,7 +170,10 @@ impl Readers {
                         loop {
                             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                    let _ = tx.send(n.channel().to_owned());
+                                    if tx.send(n.channel().to_owned()).is_err() {
+                                        // Nobody listens any more.
+                                        return;
+                                    }
                                 }
                                 Some(Ok(_)) => {}
                                 Some(Err(_)) | None => return,

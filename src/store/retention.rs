@@ -96,7 +96,9 @@ fn with_lock_timeout(conn: &mut DbConnection, sql: &str) -> Result<(), StoreErro
         "BEGIN; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {sql}; COMMIT;"
     ))
     .map_err(|e| {
-        let _ = conn.batch_execute("ROLLBACK");
+        // The statement's error is the one to report; a failed ROLLBACK breaks the connection,
+        // and the pool replaces it.
+        conn.batch_execute("ROLLBACK").ok();
         StoreError::from(e)
     })
 }

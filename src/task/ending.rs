@@ -131,6 +131,7 @@ impl TaskActor {
         let adopted = matches!(self.origin, Origin::Adopt { .. });
         let cgroup = self.cgroup.clone();
         let grace = Duration::from_secs(self.settings.stop_grace_secs.max(1));
+        let cg_log = self.log.clone();
         let local = async move {
             tokio::task::spawn_blocking(move || {
                 let (killed, emptied, usage) = match &cgroup {
@@ -138,7 +139,9 @@ impl TaskActor {
                         let (emptied, mut seen) = cg.empty(grace);
                         let usage = cg.usage();
                         if emptied {
-                            cg.remove();
+                            if let Err(e) = cg.remove() {
+                                warn!(cg_log, "cannot remove the task's cgroup; it is left behind"; "error" => %e);
+                            }
                         }
                         procs::reap_group(group);
                         seen.sort_unstable();
@@ -273,15 +276,32 @@ impl TaskActor {
         let persistence = self.persistence.clone();
         let status = fin.status;
         let remove_params = self.settings.remove_extra_vars_at_end;
+        let log = self.log.clone();
         let write = async move {
-            let _ = tokio::task::spawn_blocking(move || {
+            let written = tokio::task::spawn_blocking(move || {
                 if remove_params {
-                    // Gone already if an earlier server removed it before a crash.
-                    let _ = std::fs::remove_file(dir.extra_vars());
+                    match std::fs::remove_file(dir.extra_vars()) {
+                        // Gone already if an earlier server removed it before a crash.
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(format!("cannot remove extra_vars.json (the params): {e}"))
+                        }
+                    }
                 }
                 file.write(&dir)
+                    .map_err(|e| format!("cannot write end.json: {e}"))
             })
             .await;
+            match written {
+                Ok(Ok(())) => {}
+                // The database is still told; only a crash before it answers would lose the
+                // verdict the file keeps.
+                Ok(Err(why)) => {
+                    warn!(log, "the run directory did not take the end"; "error" => why)
+                }
+                Err(e) => warn!(log, "the run directory did not take the end"; "error" => %e),
+            }
             let sent = persistence.send(FinishTask(fin.clone())).await;
             (fin, sent)
         };

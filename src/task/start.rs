@@ -30,12 +30,14 @@ impl TaskActor {
         self.mark = Some(mark.clone());
         let prepare = async move {
             // Warm connections first: the agent's masters, outside this task's cgroup.
-            let _ = connections
+            // Gone (shutting down): the task connects directly, as without a master.
+            connections
                 .send(Acquire {
                     user: spec.remote_user.clone(),
                     hosts: spec.nodes.clone(),
                 })
-                .await;
+                .await
+                .ok();
             // The run directory, the cgroup and the fork and exec all on the blocking pool: a
             // spawn waits for the child's exec, which must not hold up the actors' thread.
             tokio::task::spawn_blocking(move || {

@@ -18,7 +18,30 @@ both_backends!(
     ansible_failures_fail_the_task_with_the_reason,
     queue_position_counts_down_as_tasks_end,
     the_dba_views_show_last_results_and_task_times,
+    a_pending_task_always_says_what_it_waits_for,
 );
+
+/// Checked the moment `/api/run` answers (and while it starts), a pending task always has a
+/// `queue_position` or a `waiting_for`; never both null.
+fn a_pending_task_always_says_what_it_waits_for(backend: Backend) {
+    let server = TestServer::start_with(backend, |s| s.max_forks = 2);
+    let mut seen_pending = 0;
+    for i in 0..12 {
+        let name = format!("placed-{i}");
+        let id = server.run(run_body(&name, &[HOSTS[i % 3]], "- ping:\n"));
+        for _ in 0..3 {
+            let c = checked(&server, id, &name);
+            if c["status"] == json!(1) {
+                seen_pending += 1;
+                assert!(
+                    c["queue_position"].is_u64() || c["waiting_for"].is_string(),
+                    "a pending task without a place: {c}"
+                );
+            }
+        }
+    }
+    assert!(seen_pending > 0, "no check saw a pending task");
+}
 
 /// ok on .2, changed on .3, failed on .4, unreachable on the dead address.
 const MIXED: &str = r#"

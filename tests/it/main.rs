@@ -2,6 +2,7 @@
 //! over SSH to sshd test hosts on 127.0.0.2-4. Run them with `scripts/test`, which starts all of
 //! that first.
 
+mod architecture;
 mod auth;
 mod cli;
 mod cluster;
