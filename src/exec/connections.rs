@@ -45,8 +45,7 @@ type Key = (String, String, u16);
 /// The control socket path ansible uses by default for (host, port, user) under `dir`.
 pub fn control_path(dir: &Path, host: &str, port: u16, user: &str) -> PathBuf {
     let digest = Sha1::digest(format!("{host}-{port}-{user}").as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    dir.join(&hex[..10])
+    dir.join(&hex::encode(digest)[..10])
 }
 
 /// A master being started: the foreground ssh, which exits once the master is up (it daemonizes,
