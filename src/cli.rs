@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::check::HostRecord;
-use crate::api::events::{EventLine, StreamLine};
+use crate::api::events::{read_line, EventLine, ReadLine};
 use crate::api::tasks::{Detail, TaskItem};
 use crate::settings::Settings;
 
@@ -510,11 +510,11 @@ pub fn watch(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<i
         for line in std::io::BufReader::new(reader).lines() {
             let Ok(line) = line else { break };
             // Lines this CLI does not know (a newer server's) are passed over.
-            let Ok(line) = serde_json::from_str::<StreamLine>(&line) else {
+            let Some(line) = read_line(&line) else {
                 continue;
             };
             match line {
-                StreamLine::Event(ev) => {
+                ReadLine::Event(ev) => {
                     after = i64::from(ev.seq);
                     failures = 0;
                     if let Some(host) = &ev.host {
@@ -522,11 +522,11 @@ pub fn watch(client: &Client, id: i64, out: &mut impl Write) -> anyhow::Result<i
                     }
                     display.event(&ev, &progress, out)?;
                 }
-                StreamLine::End(e) => {
+                ReadLine::End(e) => {
                     end = Some(e.status);
                     break;
                 }
-                StreamLine::Other => {}
+                ReadLine::KeepAlive => {}
             }
         }
         match end {

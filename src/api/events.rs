@@ -96,15 +96,40 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// One line of the stream, as the server writes it and the CLI reads it back: an event
-/// (`"type": "event"`), the end (`"type": "end"`), or a keep-alive.
-#[derive(Debug, Serialize, Deserialize)]
+/// One line of the stream as the server writes it: an event (`"type": "event"`) or the end
+/// (`"type": "end"`); keep-alives are `{"type":"keepalive"}`. Readers read it with
+/// [`read_line`]: serde buffers an internally tagged enum before it reads the variant, and a
+/// `RawValue` payload cannot pass through that buffer.
+#[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum StreamLine<'a> {
     Event(EventLine<'a>),
     End(EndLine<'a>),
-    #[serde(other)]
-    Other,
+}
+
+/// A line of the stream read back (by the CLI): its `type` first, then the line as that type.
+/// A line of a type this reader does not know (a newer server's) is `None`, as is one that is
+/// not a line of the stream.
+pub fn read_line(line: &str) -> Option<ReadLine> {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+    }
+    match serde_json::from_str::<Kind>(line).ok()?.kind.as_ref() {
+        "event" => serde_json::from_str(line).ok().map(ReadLine::Event),
+        "end" => serde_json::from_str(line).ok().map(ReadLine::End),
+        "keepalive" => Some(ReadLine::KeepAlive),
+        _ => None,
+    }
+}
+
+/// What [`read_line`] read.
+#[derive(Debug)]
+pub enum ReadLine {
+    Event(EventLine<'static>),
+    End(EndLine<'static>),
+    KeepAlive,
 }
 
 /// An event of the stream.
@@ -334,6 +359,52 @@ pub async fn handle(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lines_written_by_the_server_are_read_back_with_their_payload() {
+        let event = event_line(&NewEvent {
+            task_id: 7,
+            seq: 3,
+            host: Some("h1".into()),
+            kind: "runner_ok".into(),
+            task_name: Some("a \"quoted\" task".into()),
+            payload: r#"{"changed":true,"msg":"x"}"#.into(),
+            created_at: chrono::DateTime::from_timestamp(1_795_000_000, 0)
+                .unwrap()
+                .naive_utc(),
+        });
+        match super::read_line(&event) {
+            Some(super::ReadLine::Event(e)) => {
+                assert_eq!((e.seq, e.kind.as_ref()), (3, "runner_ok"));
+                assert_eq!(e.task_name.as_deref(), Some("a \"quoted\" task"));
+                assert_eq!(e.payload.get(), r#"{"changed":true,"msg":"x"}"#);
+            }
+            other => panic!("{other:?} from {event}"),
+        }
+        let cut = event_line(&NewEvent {
+            task_id: 7,
+            seq: 4,
+            host: None,
+            kind: "events_truncated".into(),
+            task_name: None,
+            payload: "{\"cut".into(),
+            created_at: chrono::DateTime::from_timestamp(1_795_000_000, 0)
+                .unwrap()
+                .naive_utc(),
+        });
+        assert!(
+            matches!(super::read_line(&cut), Some(super::ReadLine::Event(e)) if e.payload.get() == r#""{\"cut""#)
+        );
+        let end = String::from_utf8(end_bytes(Format::Ndjson, 7, 4, None, None).to_vec()).unwrap();
+        assert!(
+            matches!(super::read_line(end.trim()), Some(super::ReadLine::End(e)) if e.status == 4 && e.task_id == 7)
+        );
+        assert!(matches!(
+            super::read_line(r#"{"type":"keepalive"}"#),
+            Some(super::ReadLine::KeepAlive)
+        ));
+        assert!(super::read_line(r#"{"type":"something-new"}"#).is_none());
+    }
+
     use super::*;
 
     #[test]

@@ -128,6 +128,8 @@ fn per_host_results_match_play_recap(backend: Backend) {
 #[derive(Default)]
 struct Seen {
     forks: std::collections::BTreeMap<usize, u32>,
+    /// Per task: the start time (clock ticks since boot) of its first process seen.
+    started: std::collections::BTreeMap<usize, u64>,
     /// Per sample: (when, per task: its remote sleeps running).
     samples: Vec<(Instant, Vec<usize>)>,
 }
@@ -150,6 +152,8 @@ fn watch_tasks(
                 let Some(i) = dirs.iter().position(|d| cwd.as_deref() == Some(d)) else {
                     continue;
                 };
+                let first = seen.started.entry(i).or_insert(p.start);
+                *first = (*first).min(p.start);
                 let words: Vec<&str> = p.cmdline.split(' ').collect();
                 if let Some(at) = words.iter().position(|w| *w == "--forks") {
                     if let Some(n) = words.get(at + 1).and_then(|n| n.parse().ok()) {
@@ -215,22 +219,27 @@ fn forks_budget_is_never_exceeded_and_queue_is_fifo(backend: Backend) {
         .unwrap_or(0);
     assert!(peak <= 4, "{peak} remote sleeps at once over a budget of 4");
     assert!(peak > 3, "the tasks never overlapped: peak {peak}");
-    // Pending tasks start in arrival order: no task's work on the nodes begins before an earlier
-    // task's has. A task let past the queue would begin a whole round (its 2 s sleep) early; a
-    // second allows for two tasks admitted together whose ansible reaches its nodes unevenly.
-    let first_seen: Vec<Instant> = (0..shapes.len())
+    // Pending tasks start in arrival order: no task's ansible-playbook starts before an earlier
+    // task's (process start times from /proc). A task let past the queue starts a whole round
+    // early (an earlier task's 2 s sleep and more); 1.5 s allow for two tasks admitted together
+    // whose processes start unevenly on a loaded machine.
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let started: Vec<u64> = (0..shapes.len())
         .map(|i| {
-            seen.samples
-                .iter()
-                .find(|(_, per_task)| per_task[i] > 0)
-                .map(|(at, _)| *at)
-                .unwrap_or_else(|| panic!("task {i}'s sleep was never seen on a node"))
+            *seen
+                .started
+                .get(&i)
+                .unwrap_or_else(|| panic!("task {i}'s processes were never seen"))
         })
         .collect();
-    for i in 1..first_seen.len() {
+    for i in 1..started.len() {
         assert!(
-            first_seen[i] + Duration::from_secs(1) >= first_seen[i - 1],
-            "task {i} began on its nodes before task {}",
+            started[i] + tick * 3 / 2 >= started[i - 1],
+            "task {i} started {} ticks before task {}",
+            started[i - 1] - started[i],
             i - 1
         );
     }
