@@ -306,10 +306,11 @@ async fn mark_draining(pool: &Pool, me: &crate::cluster::agents::Identity, log: 
         crate::cluster::agents::draining(&mut conn, &me)
     })
     .await;
-    match drained {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(log, "cannot mark this agent as draining in agents"; "error" => %e),
-        Err(e) => warn!(log, "cannot mark this agent as draining in agents"; "error" => %e),
+    if let Err(e) = drained
+        .map_err(|e| e.to_string())
+        .and_then(|d| d.map_err(|e| e.to_string()))
+    {
+        warn!(log, "cannot mark this agent as draining in agents"; "error" => e);
     }
 }
 

@@ -163,15 +163,12 @@ impl QueueSlots {
 
     /// Gives a place back (never below zero).
     pub fn give_back(&self) {
-        let mut now = self.used.load(Ordering::SeqCst);
-        while let Err(seen) = self.used.compare_exchange(
-            now,
-            now.saturating_sub(1),
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        ) {
-            now = seen;
-        }
+        // The closure always answers Some: the update cannot fail.
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(1))
+            })
+            .ok();
     }
 
     /// Takes a place even if the queue is full (a task queued again after a restart).

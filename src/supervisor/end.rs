@@ -113,14 +113,12 @@ impl Handler<EndTask> for TaskSupervisor {
             let persistence = self.persistence.clone();
             let me = ctx.address();
             return Box::pin(async move {
-                match tokio::task::spawn_blocking(move || file.write(&verdict)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        warn!(log, "cannot write end.json of a stopped pending task"; "error" => %e)
-                    }
-                    Err(e) => {
-                        warn!(log, "cannot write end.json of a stopped pending task"; "error" => %e)
-                    }
+                let written = tokio::task::spawn_blocking(move || file.write(&verdict)).await;
+                if let Err(e) = written
+                    .map_err(|e| e.to_string())
+                    .and_then(|w| w.map_err(|e| e.to_string()))
+                {
+                    warn!(log, "cannot write end.json of a stopped pending task"; "error" => e);
                 }
                 let outcome = match persistence.send(FinishTask(fin)).await {
                     Ok(Ok(_)) => EndOutcome::Ended,

@@ -293,14 +293,10 @@ impl TaskActor {
                     .map_err(|e| format!("cannot write end.json: {e}"))
             })
             .await;
-            match written {
-                Ok(Ok(())) => {}
-                // The database is still told; only a crash before it answers would lose the
-                // verdict the file keeps.
-                Ok(Err(why)) => {
-                    warn!(log, "the run directory did not take the end"; "error" => why)
-                }
-                Err(e) => warn!(log, "the run directory did not take the end"; "error" => %e),
+            // The database is still told; only a crash before it answers would lose the verdict
+            // the file keeps.
+            if let Err(why) = written.map_err(|e| e.to_string()).and_then(|w| w) {
+                warn!(log, "the run directory did not take the end"; "error" => why);
             }
             let sent = persistence.send(FinishTask(fin.clone())).await;
             (fin, sent)
