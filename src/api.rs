@@ -61,6 +61,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Changes after each commit of events or a task's end (event streams wait on it).
     pub committed: tokio::sync::watch::Receiver<u64>,
+    /// The run directory's disk (new tasks are refused while it is low).
+    pub disk: Arc<crate::disk::Watch>,
 }
 
 /// The route table.

@@ -6,7 +6,8 @@
 //! A short tour, from the bottom up (`ARCHITECTURE.md` at the top of the repository has the code
 //! map, the layer table a test holds the imports to, and the invariants):
 //!
-//! - [`status`], [`time`], [`settings`], [`logging`], [`metrics`]: the foundation everyone uses.
+//! - [`status`], [`time`], [`settings`], [`logging`], [`metrics`], [`disk`]: the foundation
+//!   everyone uses.
 //! - [`store`]: the database: queries for both backends, the HTTP workers' readers, and
 //!   [`store::persistence::Persistence`], the only writer, which retries unavailability and
 //!   repairs what the database refuses; [`store::clean`] makes text from outside storable.
@@ -24,6 +25,7 @@ pub mod ansible;
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod disk;
 pub mod exec;
 pub mod logging;
 pub mod metrics;

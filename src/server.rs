@@ -137,6 +137,11 @@ pub async fn run(
         ))
     })?;
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let disk = Arc::new(crate::disk::Watch::new(
+        &run_root,
+        settings.run_dir_min_free_bytes,
+    ));
+    let watching = watch_disk(disk.clone(), &run_root, &log).await;
     let state = web::Data::new(AppState {
         access: Access::from_settings(&settings).map_err(std::io::Error::other)?,
         settings: settings.clone(),
@@ -152,20 +157,31 @@ pub async fn run(
         slots,
         metrics,
         committed,
+        disk,
     });
     let (handle, serving) = serve(&settings, state, listener)?;
     on_start(handle.clone());
     systemd::ready(&log, &format!("serving on {}", settings.bind));
     systemd::watchdog(supervisor.clone(), log.clone());
     let beating = heartbeats(&settings, pool.clone(), identity.clone(), log.clone());
+    let policy = crate::store::retention::Policy {
+        retention_days: settings.retention_days,
+        keep_tasks: settings.retention_keep_tasks,
+        agent: settings.agent_name.clone(),
+        run_root,
+    };
+    let budget = (settings.run_dir_max_bytes > 0).then(|| {
+        crate::store::retention::spawn_budget(
+            pool.clone(),
+            policy.clone(),
+            settings.run_dir_max_bytes,
+            Duration::from_secs(settings.run_dir_check_secs.max(1)),
+            log.new(slog::o!("part" => "space budget")),
+        )
+    });
     let retention = crate::store::retention::spawn(
         pool.clone(),
-        crate::store::retention::Policy {
-            retention_days: settings.retention_days,
-            keep_tasks: settings.retention_keep_tasks,
-            agent: settings.agent_name.clone(),
-            run_root,
-        },
+        policy,
         Duration::from_secs(settings.retention_check_secs.max(1)),
         log.new(slog::o!("part" => "retention")),
     );
@@ -175,6 +191,10 @@ pub async fn run(
     systemd::stopping(&log);
     beating.abort();
     retention.abort();
+    watching.abort();
+    if let Some(b) = budget {
+        b.abort();
+    }
     if let Some(l) = listening {
         l.abort();
     }
@@ -312,6 +332,62 @@ async fn mark_draining(pool: &Pool, me: &crate::cluster::agents::Identity, log: 
     {
         warn!(log, "cannot mark this agent as draining in agents"; "error" => e);
     }
+}
+
+/// Looks at the run directory's disk now and then every second (off the request path), logging
+/// when it runs low and when it has room again.
+async fn watch_disk(
+    disk: Arc<crate::disk::Watch>,
+    run_root: &std::path::Path,
+    log: &Logger,
+) -> actix_web::rt::task::JoinHandle<()> {
+    let (log, path) = (log.clone(), run_root.display().to_string());
+    let look = move |disk: Arc<crate::disk::Watch>| async move {
+        tokio::task::spawn_blocking(move || {
+            let looked = disk.refresh();
+            (looked, disk.low())
+        })
+        .await
+    };
+    let (mut was_low, mut failing) = (false, false);
+    let mut report = move |looked: Result<
+        (std::io::Result<crate::disk::Space>, Option<String>),
+        _,
+    >| {
+        let looked = looked
+            .map_err(|e: tokio::task::JoinError| std::io::Error::other(e.to_string()))
+            .and_then(|(space, low)| space.map(|_| low));
+        match looked {
+            Ok(low) => {
+                match (&low, was_low) {
+                    (Some(why), false) => warn!(log, "refusing new tasks"; "why" => why),
+                    (None, true) => {
+                        info!(
+                            log,
+                            "the run directory's disk has room again; accepting tasks"
+                        )
+                    }
+                    _ => {}
+                }
+                (was_low, failing) = (low.is_some(), false);
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(log, "cannot look at the run directory's disk"; "path" => &path, "error" => %e);
+                }
+                failing = true;
+            }
+        }
+    };
+    report(look(disk.clone()).await);
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            report(look(disk.clone()).await);
+        }
+    })
 }
 
 /// Beats this agent's heart in `agents` every `heartbeat_secs`, on the database's clock.

@@ -126,6 +126,12 @@ pub struct Settings {
     pub ssh_port: u16,
     pub ssh_common_args: String,
     pub run_dir: PathBuf,
+    /// New tasks are refused while the run directory's disk has less free space (0: never).
+    pub run_dir_min_free_bytes: u64,
+    /// Ended tasks' run directories past this many bytes go, oldest first (0: no budget).
+    pub run_dir_max_bytes: u64,
+    /// How often the space budget is checked.
+    pub run_dir_check_secs: u64,
     pub run_as_user: String,
     pub run_as_group: String,
     pub max_forks: u32,
@@ -321,8 +327,9 @@ impl Settings {
 
     /// Every duration setting, by name: each one is added to clocks and multiplied, so each is
     /// bounded (a year) here rather than overflowing where it is used.
-    fn durations(&self) -> [(&'static str, u64); 14] {
+    fn durations(&self) -> [(&'static str, u64); 15] {
         [
+            ("run_dir_check_secs", self.run_dir_check_secs),
             ("task_time_limit_secs", self.task_time_limit_secs),
             ("stop_grace_secs", self.stop_grace_secs),
             ("ssh_idle_secs", self.ssh_idle_secs),

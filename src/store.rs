@@ -267,16 +267,22 @@ pub fn in_one_transaction<T>(
 
 /// Inserts a task; its id once committed.
 pub fn insert_task(conn: &mut DbConnection, new: &NewTask) -> Result<i64, StoreError> {
-    diesel::insert_into(tasks::table)
-        .values(new)
-        .returning(tasks::id)
-        .get_result(conn)
-        .map_err(|e| match e {
-            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
-                StoreError::Duplicate
-            }
-            other => other.into(),
-        })
+    // In a transaction of its own, so the commit is a statement whose failure is seen: SQLite
+    // commits an autocommit `INSERT … RETURNING` only when the statement is reset, after its row
+    // has been read, and an error there (a full disk: SQLITE_FULL) never reaches the caller, who
+    // would answer an id that was never stored.
+    write_transaction(conn, |c| {
+        diesel::insert_into(tasks::table)
+            .values(new)
+            .returning(tasks::id)
+            .get_result(c)
+            .map_err(|e| match e {
+                DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+                    StoreError::Duplicate
+                }
+                other => other.into(),
+            })
+    })
 }
 
 /// The task with this id.

@@ -18,6 +18,7 @@
 //! process group and tells the supervisor, which releases the forks, answers the waiters and ends
 //! the task as interrupted, saying so.
 
+mod disk;
 mod end_file;
 mod ending;
 mod follow;
@@ -93,6 +94,8 @@ pub struct TaskActor {
     cgroup: Option<TaskCgroup>,
     /// The task's mark on its nodes (`DOWNLINK_TASK`), once known.
     mark: Option<String>,
+    /// The run directory's disk as the last checks found it.
+    disk: disk::DiskState,
 }
 
 impl TaskActor {
@@ -155,6 +158,7 @@ impl TaskActor {
             exec,
             cgroup: None,
             mark: None,
+            disk: disk::DiskState::default(),
         }
     }
 

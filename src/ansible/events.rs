@@ -98,6 +98,8 @@ pub enum Ending {
     Stopped,
     Timeout,
     Interrupted,
+    /// Ended by the agent for a fault where it runs (its run directory's disk cannot be written).
+    Failed,
 }
 
 #[derive(Debug, Default, Clone)]

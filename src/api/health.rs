@@ -1,5 +1,5 @@
 //! `/healthz` (the process answers) and `/readyz` (the database is reachable, its migrations are
-//! applied and `ansible-playbook` runs) for load balancers and systemd. Both are GET, need no
+//! applied, `ansible-playbook` runs and the run directory's disk has room) for load balancers and systemd. Both are GET, need no
 //! headers and answer in the contract's envelope: 200 when fine, 503 with what is wrong.
 
 use std::sync::Mutex;
@@ -101,6 +101,9 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if closing {
         problems.push("shutting down".into());
+    }
+    if let Some(why) = state.disk.low() {
+        problems.push(why);
     }
     if problems.is_empty() {
         HttpResponse::Ok().json(json!({"code": 0, "content": {

@@ -31,6 +31,9 @@ pub async fn submit(
     run: RunRequest,
     wait: bool,
 ) -> Result<(i64, Option<oneshot::Receiver<()>>), ApiError> {
+    if let Some(why) = state.disk.low() {
+        return Err(ApiError::Other(why));
+    }
     if !state.slots.take() {
         return Err(ApiError::Other("queue full, retry later".into()));
     }

@@ -13,6 +13,9 @@
 //!    a time: their remaining events deleted [`EVENT_BATCH`] rows per statement, their run
 //!    directories removed, and `tasks.purged_at` set (or the rows deleted).
 //!
+//! Beside the time budget, a space budget: with `run_dir_max_bytes`, [`budget`] removes the
+//! oldest ended run directories whenever this agent's hold more than that.
+//!
 //! Run directories live on the agent's machine, so an agent purges its own tasks (and those of no
 //! agent); another agent's old events still go with their month's partition.
 
@@ -256,34 +259,181 @@ fn remove_dirs(run_root: &Path, ids: &[i64], log: &Logger) -> usize {
     removed
 }
 
-/// Runs a pass every `every`, the first soon after the start.
-pub fn spawn(
+/// Runs `pass` on a pooled connection every `every` (the first soon after the start), on the
+/// blocking pool; its report goes to `done`, and a failure is logged once until a pass succeeds.
+fn every<R: Send + 'static>(
     pool: Pool,
-    policy: Policy,
     every: Duration,
     log: Logger,
+    what: &'static str,
+    pass: impl Fn(&mut DbConnection, &Logger) -> Result<R, StoreError> + Send + Sync + 'static,
+    done: impl Fn(&Logger, R) + 'static,
 ) -> actix_web::rt::task::JoinHandle<()> {
+    let pass = std::sync::Arc::new(pass);
     actix_web::rt::spawn(async move {
         let mut tick = tokio::time::interval(every);
+        let mut failing = false;
         loop {
             tick.tick().await;
-            let (pool, policy, plog) = (pool.clone(), policy.clone(), log.clone());
-            let done = tokio::task::spawn_blocking(move || {
+            let (pool, plog, pass) = (pool.clone(), log.clone(), pass.clone());
+            let result = tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get()?;
-                pass(&mut conn, &policy, crate::time::now(), &plog)
+                pass(&mut conn, &plog)
             })
-            .await;
-            match done {
-                Ok(Ok(report)) if report.is_empty() => {}
-                Ok(Ok(report)) => info!(log, "retention pass";
-                    "partitions_dropped" => report.partitions_dropped.join(","),
-                    "tasks_purged" => report.tasks_purged, "tasks_deleted" => report.tasks_deleted,
-                    "events_deleted" => report.events_deleted, "dirs_removed" => report.dirs_removed),
-                Ok(Err(e)) => warn!(log, "retention pass failed; tried again later"; "error" => %e),
-                Err(e) => warn!(log, "retention pass failed; tried again later"; "error" => %e),
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+            .and_then(|r| r);
+            match result {
+                Ok(report) => {
+                    failing = false;
+                    done(&log, report);
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(log, "{what} failed; tried again later"; "error" => %e);
+                    }
+                    failing = true;
+                }
             }
         }
     })
+}
+
+/// Runs a retention pass every `every`, the first soon after the start.
+pub fn spawn(
+    pool: Pool,
+    policy: Policy,
+    interval: Duration,
+    log: Logger,
+) -> actix_web::rt::task::JoinHandle<()> {
+    let run =
+        move |conn: &mut DbConnection, log: &Logger| pass(conn, &policy, crate::time::now(), log);
+    every(
+        pool,
+        interval,
+        log,
+        "retention pass",
+        run,
+        |log, report: Report| {
+            if !report.is_empty() {
+                info!(log, "retention pass";
+                "partitions_dropped" => report.partitions_dropped.join(","),
+                "tasks_purged" => report.tasks_purged, "tasks_deleted" => report.tasks_deleted,
+                "events_deleted" => report.events_deleted, "dirs_removed" => report.dirs_removed);
+            }
+        },
+    )
+}
+
+/// What one space-budget pass found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BudgetReport {
+    /// Bytes the run directories held before the pass.
+    pub held: u64,
+    pub dirs_removed: usize,
+    pub bytes_freed: u64,
+}
+
+/// The space budget (`run_dir_max_bytes`): when this agent's run directories hold more than
+/// `max_bytes`, the directories of ended tasks go, the earliest ended first, until they fit. A
+/// directory whose task is pending or running is never touched; one without a row (its row was
+/// deleted, or it belongs to another database) counts as ended before every other.
+pub fn budget(
+    conn: &mut DbConnection,
+    policy: &Policy,
+    max_bytes: u64,
+    log: &Logger,
+) -> Result<BudgetReport, StoreError> {
+    let mut dirs: Vec<(i64, u64)> = match std::fs::read_dir(&policy.run_root) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| {
+                let id: i64 = e.file_name().to_str()?.parse().ok()?;
+                Some((id, crate::disk::usage(&e.path())))
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            warn!(log, "space budget: cannot list the run directories"; "path" => policy.run_root.display().to_string(), "error" => %e);
+            Vec::new()
+        }
+    };
+    let held: u64 = dirs.iter().map(|d| d.1).sum();
+    let mut report = BudgetReport {
+        held,
+        ..BudgetReport::default()
+    };
+    if held <= max_bytes {
+        return Ok(report);
+    }
+    // The rows of these directories, a bounded number per query: live ones stay.
+    let mut ended: std::collections::HashMap<i64, Option<NaiveDateTime>> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    dirs.sort_unstable();
+    for chunk in dirs.chunks(500) {
+        let ids: Vec<i64> = chunk.iter().map(|d| d.0).collect();
+        let rows: Vec<(i64, i32, Option<NaiveDateTime>)> = tasks::table
+            .filter(tasks::id.eq_any(&ids))
+            .select((tasks::id, tasks::status, tasks::ended_at))
+            .load(conn)?;
+        for (id, status, ended_at) in rows {
+            seen.insert(id);
+            if !crate::status::Status::LIVE.contains(&status) {
+                ended.insert(id, ended_at);
+            }
+        }
+    }
+    let mut removable: Vec<(Option<NaiveDateTime>, i64, u64)> = dirs
+        .iter()
+        .filter_map(|&(id, bytes)| match ended.get(&id) {
+            Some(at) => Some((*at, id, bytes)),
+            None if !seen.contains(&id) => Some((None, id, bytes)),
+            None => None,
+        })
+        .collect();
+    // No row (None) first, then by when each ended.
+    removable.sort_unstable();
+    let mut left = held;
+    for (_, id, bytes) in removable {
+        if left <= max_bytes {
+            break;
+        }
+        if remove_dirs(&policy.run_root, &[id], log) == 1 {
+            left = left.saturating_sub(bytes);
+            report.dirs_removed += 1;
+            report.bytes_freed += bytes;
+        }
+    }
+    if left > max_bytes {
+        warn!(log, "the run directories of live tasks alone pass run_dir_max_bytes";
+              "held" => left, "run_dir_max_bytes" => max_bytes);
+    }
+    Ok(report)
+}
+
+/// Runs a space-budget pass every `interval`.
+pub fn spawn_budget(
+    pool: Pool,
+    policy: Policy,
+    max_bytes: u64,
+    interval: Duration,
+    log: Logger,
+) -> actix_web::rt::task::JoinHandle<()> {
+    let run = move |conn: &mut DbConnection, log: &Logger| budget(conn, &policy, max_bytes, log);
+    every(
+        pool,
+        interval,
+        log,
+        "space budget pass",
+        run,
+        move |log, report: BudgetReport| {
+            if report.dirs_removed > 0 {
+                info!(log, "run_dir_max_bytes: removed the oldest ended run directories";
+                  "held" => report.held, "dirs_removed" => report.dirs_removed,
+                  "bytes_freed" => report.bytes_freed, "run_dir_max_bytes" => max_bytes);
+            }
+        },
+    )
 }
 
 #[cfg(test)]

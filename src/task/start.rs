@@ -169,6 +169,7 @@ impl TaskActor {
         ctx.run_later(left, move |act, ctx| {
             act.request_kill(Ending::Timeout, timeout_err(limit), ctx);
         });
+        self.watch_disk(ctx);
         if let Some((ending, err)) = self.kill.take() {
             // Asked to end while the process was being started.
             self.request_kill(ending, err, ctx);

@@ -50,6 +50,7 @@ pub fn verdict(
         let status = match ending {
             Ending::Stopped => Status::Stopped,
             Ending::Interrupted => Status::Interrupted,
+            Ending::Failed => Status::Failed,
             Ending::Timeout | Ending::Exited => Status::Timeout,
         };
         return v(status, Some(err.clone()), *ending);

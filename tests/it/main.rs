@@ -7,6 +7,7 @@ mod auth;
 mod cli;
 mod cluster;
 mod contract;
+mod disk;
 mod execution;
 mod fuzz;
 pub mod harness;
