@@ -163,7 +163,13 @@ pub async fn run(
     on_start(handle.clone());
     systemd::ready(&log, &format!("serving on {}", settings.bind));
     systemd::watchdog(supervisor.clone(), log.clone());
-    let beating = heartbeats(&settings, pool.clone(), identity.clone(), log.clone());
+    let beat = Beat {
+        supervisor: supervisor.clone(),
+        run_root: run_root.clone(),
+    };
+    // The agent was registered just now: a heartbeat, so the lease is fresh for adopted tasks.
+    beat.renew_lease(&log).await;
+    let beating = heartbeats(&settings, pool.clone(), identity.clone(), beat, log.clone());
     let policy = crate::store::retention::Policy {
         retention_days: settings.retention_days,
         keep_tasks: settings.retention_keep_tasks,
@@ -390,36 +396,89 @@ async fn watch_disk(
     })
 }
 
-/// Beats this agent's heart in `agents` every `heartbeat_secs`, on the database's clock.
+/// Beats this agent's heart in `agents` every `heartbeat_secs`, on the database's clock. Each
+/// renewal also renews the lease file the tasks' watchdogs read; with `shared_queue`, a heartbeat
+/// not renewed for `fence_after` (the database out of reach, or this process frozen) fences the
+/// agent: the supervisor stops every task here before other agents may declare them lost
+/// (`supervisor/fence.rs`).
 fn heartbeats(
     settings: &Settings,
     pool: Pool,
     me: crate::cluster::agents::Identity,
+    beat: Beat,
     log: Logger,
 ) -> actix_web::rt::task::JoinHandle<()> {
     let every = settings.heartbeat();
+    let fence_after = settings.shared_queue.then(|| settings.fence_after());
     let me_name = me.name.clone();
     actix_web::rt::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
+        // The start of the last call that renewed it: its heartbeat_at is no earlier than this.
+        let mut renewed = std::time::Instant::now();
+        let mut fenced = false;
         loop {
             tick.tick().await;
+            let silent = renewed.elapsed();
+            if let Some(after) = fence_after {
+                // Before trying again: after a freeze, other agents may be about to end our tasks.
+                if silent > after && !fenced {
+                    fenced = true;
+                    beat.supervisor.do_send(crate::supervisor::Fence { silent });
+                }
+            }
             let (pool, me) = (pool.clone(), me.clone());
-            let beat = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let done = tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get()?;
                 crate::cluster::agents::heartbeat(&mut conn, &me)
             })
             .await;
-            match beat {
-                Ok(Ok(true)) => {}
+            let ok = match done {
+                Ok(Ok(true)) => true,
                 Ok(Ok(false)) => {
-                    warn!(log, "this agent's row in agents was gone or written by another process under the same agent_name; written again (give each agent a name of its own)"; "agent" => &me_name)
+                    warn!(log, "this agent's row in agents was gone or written by another process under the same agent_name; written again (give each agent a name of its own)"; "agent" => &me_name);
+                    true
                 }
-                Ok(Err(e)) => warn!(log, "heartbeat not recorded"; "error" => %e),
-                Err(e) => warn!(log, "heartbeat not recorded"; "error" => %e),
+                Ok(Err(e)) => {
+                    warn!(log, "heartbeat not recorded"; "error" => %e);
+                    false
+                }
+                Err(e) => {
+                    warn!(log, "heartbeat not recorded"; "error" => %e);
+                    false
+                }
+            };
+            if ok {
+                renewed = started;
+                beat.renew_lease(&log).await;
+                if fenced {
+                    fenced = false;
+                    beat.supervisor.do_send(crate::supervisor::Renewed);
+                }
             }
         }
     })
+}
+
+/// What a renewed heartbeat tells: the supervisor (fencing) and the lease file.
+#[derive(Clone)]
+struct Beat {
+    supervisor: Addr<TaskSupervisor>,
+    run_root: std::path::PathBuf,
+}
+
+impl Beat {
+    async fn renew_lease(&self, log: &Logger) {
+        let root = self.run_root.clone();
+        let renewed = tokio::task::spawn_blocking(move || rundir::renew_lease(&root))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = renewed {
+            warn!(log, "cannot renew the lease file the tasks' watchdogs read"; "path" => rundir::lease_file(&self.run_root).display().to_string(), "error" => %e);
+        }
+    }
 }
 
 /// Logs every panic (a bug: an actor that panics is ended and its task recorded as interrupted)

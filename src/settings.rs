@@ -99,6 +99,9 @@ impl<'de> Deserialize<'de> for AllowedNetwork {
     }
 }
 
+/// How many heartbeat intervals an agent may miss before it counts as lost.
+pub const LEASE_HEARTBEATS: u32 = 3;
+
 /// The longest any duration setting may be: a year.
 pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
 
@@ -353,6 +356,36 @@ impl Settings {
     /// How often the agent's heartbeat is written (at least a second).
     pub fn heartbeat(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+
+    /// An agent whose heartbeat is older than this is lost to the others ([`LEASE_HEARTBEATS`]
+    /// heartbeats).
+    pub fn lease(&self) -> std::time::Duration {
+        self.heartbeat() * LEASE_HEARTBEATS
+    }
+
+    /// With `shared_queue`, how long after its last heartbeat other agents end a lost agent's
+    /// live tasks as interrupted: the lease, then `lost_agent_grace_secs`.
+    pub fn lost_after(&self) -> std::time::Duration {
+        self.lease() + std::time::Duration::from_secs(self.lost_agent_grace_secs)
+    }
+
+    /// Fencing: an agent whose heartbeat has not been renewed for this long stops its own tasks,
+    /// safely before [`Settings::lost_after`]: a margin of a tenth of it, at least two heartbeats
+    /// (and at most half of it, for very short settings).
+    pub fn fence_after(&self) -> std::time::Duration {
+        let lost = self.lost_after();
+        let margin = (lost / 10).max(self.heartbeat() * 2).min(lost / 2);
+        lost - margin
+    }
+
+    /// The task's own watchdog (in the callback plugin, inside `ansible-playbook`) ends the run
+    /// when the agent's lease file is older than this: a heartbeat after [`Settings::fence_after`],
+    /// so an agent that can still act stops its tasks itself first (and cleans their nodes),
+    /// while a frozen one's tasks still end before [`Settings::lost_after`].
+    pub fn watchdog_after(&self) -> std::time::Duration {
+        let lost = self.lost_after();
+        (self.fence_after() + self.heartbeat()).min(lost - (lost - self.fence_after()) / 2)
     }
 
     /// The database URL actually used: the setting, or the embedded SQLite file.

@@ -499,6 +499,7 @@ pub fn mark_running(
     pid_start_time: i64,
     instance: &str,
     forks: u32,
+    remote_mark: Option<&str>,
 ) -> Result<bool, StoreError> {
     write_transaction(conn, |conn| {
         let changed = diesel::update(
@@ -516,6 +517,11 @@ pub fn mark_running(
             tasks::forks.eq(i32::try_from(forks).unwrap_or(i32::MAX)),
         ))
         .execute(conn)?;
+        if let (1, Some(mark)) = (changed, remote_mark) {
+            diesel::update(tasks::table.find(id))
+                .set(tasks::remote_mark.eq(mark))
+                .execute(conn)?;
+        }
         let task = match (changed, get_task(conn, id)?) {
             (1, Some(task)) => task,
             _ => return Ok(false),

@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod end;
+pub mod fence;
 pub mod recover;
 pub mod recovery;
 pub mod shared;
@@ -38,6 +39,7 @@ use admission::{Admission, Queued};
 
 pub use admission::{QueuePlace, QueueSlots};
 pub use end::{stop_err, EndOutcome, EndReason, EndTask};
+pub use fence::{Fence, Renewed};
 pub use recover::Recover;
 pub use shared::{CheckStops, Claim};
 
@@ -82,6 +84,11 @@ pub struct TaskSupervisor {
     claiming: bool,
     /// The last claim failed (logged once until one succeeds).
     claim_failing: bool,
+    /// Lost agents' tasks being ended here (their nodes being cleaned).
+    reaping: std::collections::HashSet<i64>,
+    /// This agent's heartbeat is overdue: its tasks were stopped and nothing is claimed until it
+    /// is renewed (`fence.rs`).
+    fenced: bool,
     /// Shared with every TaskActor: set at shutdown, so actors dropped with the server leave their
     /// processes to the next start.
     shutting_down: Arc<AtomicBool>,
@@ -113,6 +120,8 @@ impl TaskSupervisor {
             shared: None,
             claiming: false,
             claim_failing: false,
+            reaping: Default::default(),
+            fenced: false,
             shutting_down: Arc::new(AtomicBool::new(false)),
             exec,
         }
@@ -234,6 +243,7 @@ impl Actor for TaskSupervisor {
             ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| act.claim(ctx));
             ctx.run_interval(self.settings.heartbeat(), |act, ctx| {
                 act.check_stops(ctx);
+                act.check_ended_elsewhere(ctx);
                 act.reap_lost(ctx);
             });
         }

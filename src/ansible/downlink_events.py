@@ -3,12 +3,21 @@
 # the final stats. downlink follows that file to fill task_hosts and task_events. The file (not a
 # pipe) lets a task outlive the server process that started it.
 #
+# With DOWNLINK_LEASE_FILE set (shared_queue), it also runs the task's watchdog: a thread of this
+# ansible-playbook process that ends the whole run once the agent's lease file (touched at every
+# heartbeat the agent renews) is older than DOWNLINK_LEASE_SECS. A frozen agent (SIGSTOP, a paused
+# VM) cannot stop its tasks itself, and other agents will soon declare them lost: the run ends here
+# first, so nothing of it goes on after another agent has recorded it as interrupted.
+#
 # Shipped inside the downlink binary and written to <run_dir>/.plugins/ at start.
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import signal
+import threading
+import time
 
 from ansible.plugins.callback import CallbackBase
 
@@ -41,6 +50,76 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _kill_the_run():
+    """Kills every process of this run. ansible's workers each lead a session of their own
+    (WorkerProcess._detach), so neither this process group nor this process's children are the
+    whole run: its cgroup is (DOWNLINK_TASK_CGROUP, when downlink made one and this user may kill
+    it), else every process whose environment carries this run's DOWNLINK_TASK_MARK."""
+    cgroup = os.environ.get("DOWNLINK_TASK_CGROUP")
+    if cgroup:
+        try:
+            with open(os.path.join(cgroup, "cgroup.kill"), "w", encoding="ascii") as k:
+                k.write("1")
+            return
+        except OSError:
+            pass
+    mark = os.environ.get("DOWNLINK_TASK_MARK")
+    if mark:
+        needle = ("DOWNLINK_TASK_MARK=%s\0" % mark).encode()
+        me = os.getpid()
+        # Twice: a process forked while the first pass ran is caught by the second.
+        for _ in range(2):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit() or int(pid) == me:
+                    continue
+                try:
+                    with open("/proc/%s/environ" % pid, "rb") as f:
+                        if needle in f.read() + b"\0":
+                            os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    continue
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watchdog(lease_file, lease_secs, fenced_file):
+    """Ends the run once the agent's lease is older than lease_secs (see the top of the file)."""
+    while True:
+        time.sleep(0.5)
+        try:
+            age = time.time() - os.stat(lease_file).st_mtime
+        except OSError:
+            # No lease to judge by (the agent has not written one): nothing to do.
+            continue
+        if age <= lease_secs:
+            continue
+        reason = (
+            "the agent renewed no heartbeat for %.0f s (frozen, or cut off from its database), so "
+            "the task's watchdog ended it before another agent could declare it lost" % age
+        )
+        try:
+            with open(fenced_file, "w", encoding="utf-8") as f:
+                f.write(reason + "\n")
+        except OSError:
+            pass
+        _kill_the_run()
+        return
+
+
+def _start_watchdog(events_path):
+    lease_file = os.environ.get("DOWNLINK_LEASE_FILE")
+    if not lease_file or not events_path:
+        return
+    try:
+        lease_secs = float(os.environ.get("DOWNLINK_LEASE_SECS", ""))
+    except ValueError:
+        return
+    fenced_file = os.path.join(os.path.dirname(events_path), "fenced")
+    threading.Thread(
+        target=_watchdog, args=(lease_file, lease_secs, fenced_file), name="downlink-watchdog",
+        daemon=True,
+    ).start()
+
+
 def _message(result):
     """The first thing that says why a result failed."""
     for key in ("msg", "stderr", "reason", "exception"):
@@ -68,6 +147,7 @@ class CallbackModule(CallbackBase):
         except ValueError:
             self._max_bytes = 0
         self._written = self._out.tell() if self._out else 0
+        _start_watchdog(path)
         self._dropped = 0
         self._dropped_bytes = 0
 

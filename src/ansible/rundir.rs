@@ -14,8 +14,11 @@
 //!                     output.log          ansible's own output (stdout and stderr)
 //!                     end.json            the verdict, written just before it is sent to the database
 //!                     remote-mark         the task's mark on its nodes (DOWNLINK_TASK=<mark>)
+//!                     fenced              why the task's watchdog ended it (the agent's lease ran out)
 //!                     tmp/                ansible's local temp files
 //! <root>/.cp/                          the agent's SSH control sockets (exec::connections)
+//! <root>/.lease                        touched at every heartbeat renewed (shared_queue): each
+//!                                      task's watchdog ends the task when it grows too old
 //! ```
 
 use std::fs;
@@ -70,6 +73,11 @@ impl RunDir {
         self.path.join("remote-mark")
     }
 
+    /// Written by the task's watchdog when it ended the task (the agent's lease ran out): why.
+    pub fn fenced(&self) -> PathBuf {
+        self.path.join("fenced")
+    }
+
     /// The value of the task's process marker.
     pub fn mark(&self) -> String {
         self.path.to_string_lossy().into_owned()
@@ -101,6 +109,22 @@ pub fn install(root: &Path, owner: Option<Owner>) -> io::Result<PathBuf> {
 /// The agent's SSH control-socket directory under its run-directory root.
 pub fn control_dir(root: &Path) -> PathBuf {
     root.join(".cp")
+}
+
+/// The agent's lease file: its modification time is the last heartbeat this agent renewed.
+pub fn lease_file(root: &Path) -> PathBuf {
+    root.join(".lease")
+}
+
+/// Marks the lease renewed now (creates the file the first time).
+pub fn renew_lease(root: &Path) -> io::Result<()> {
+    let path = lease_file(root);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    file.set_modified(std::time::SystemTime::now())
 }
 
 /// What a run directory is made from.

@@ -14,8 +14,7 @@ use crate::store::db::DbConnection;
 use crate::store::schema::agents;
 use crate::store::StoreError;
 
-/// How many heartbeat intervals an agent may miss before it counts as lost.
-pub const LEASE_HEARTBEATS: u32 = 3;
+pub use crate::settings::LEASE_HEARTBEATS;
 
 /// What an agent says of itself.
 #[derive(Debug, Clone)]

@@ -201,6 +201,15 @@ struct LostAgent {
 const LOST_NOTE: &str = "agent ";
 const LOST_NOTE_MID: &str = " has not been heard from since ";
 
+/// A live task of a lost agent, to be ended as interrupted here.
+#[derive(Debug, Clone)]
+pub struct LostTask {
+    pub task: Task,
+    /// Its mark on the nodes (`tasks.remote_mark`): what to end there first.
+    pub remote_mark: Option<String>,
+    pub err: String,
+}
+
 /// Agents whose lease ran out (no heartbeat for `lease`): their live tasks get a note in `err`
 /// (they may still be running there, and an agent restarted on that machine adopts them); past
 /// `lease + grace`, the tasks to end as interrupted, each with its `err`.
@@ -209,7 +218,7 @@ pub fn lost_agents(
     me: &str,
     lease: std::time::Duration,
     grace: std::time::Duration,
-) -> Result<Vec<(Task, String)>, StoreError> {
+) -> Result<Vec<LostTask>, StoreError> {
     let lost: Vec<LostAgent> = diesel::sql_query(
         "SELECT name, heartbeat_at,          heartbeat_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $3) AS past_grace          FROM agents WHERE name <> $1          AND heartbeat_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $2)",
     )
@@ -229,8 +238,15 @@ pub fn lost_agents(
                 agent.name,
                 (lease + grace).as_secs()
             );
-            for task in live.select(Task::as_select()).load(conn)? {
-                to_end.push((task, err.clone()));
+            let found: Vec<(Task, Option<String>)> = live
+                .select((Task::as_select(), tasks::remote_mark))
+                .load(conn)?;
+            for (task, remote_mark) in found {
+                to_end.push(LostTask {
+                    task,
+                    remote_mark,
+                    err: err.clone(),
+                });
             }
         } else {
             let note = format!(
@@ -244,6 +260,21 @@ pub fn lost_agents(
         }
     }
     Ok(to_end)
+}
+
+/// Which of these tasks have ended (a lost agent's tasks, ended by another agent meanwhile).
+pub fn ended_among(conn: &mut DbConnection, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+    let mut ended = Vec::new();
+    for chunk in ids.chunks(500) {
+        ended.extend(
+            tasks::table
+                .filter(tasks::id.eq_any(chunk))
+                .filter(tasks::status.ne_all(Status::LIVE))
+                .select(tasks::id)
+                .load::<i64>(conn)?,
+        );
+    }
+    Ok(ended)
 }
 
 /// At start: the notes a loss left on this agent's live tasks are taken back (it is here again).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group, Uid, User};
 
-use crate::ansible::rundir::{control_dir, Owner, RunDir};
+use crate::ansible::rundir::{self, control_dir, Owner, RunDir};
 use crate::ansible::{CALLBACK_NAME, TASK_MARK_VAR};
 use crate::exec::cgroup::TaskCgroup;
 use crate::exec::spawn::Spawn;
@@ -112,9 +112,20 @@ pub fn command(
             settings.max_events_file_bytes.to_string(),
         )
         .env(TASK_MARK_VAR, dir.mark());
+    if settings.shared_queue {
+        // The task's own watchdog (in the callback plugin): past this age of the agent's lease,
+        // other agents may soon declare this one lost, so the run ends itself.
+        cmd.env("DOWNLINK_LEASE_FILE", path(rundir::lease_file(root)))
+            .env(
+                "DOWNLINK_LEASE_SECS",
+                format!("{:.3}", settings.watchdog_after().as_secs_f64()),
+            );
+    }
     // In the child, before exec: a session of its own, the task's cgroup (joined while still
     // privileged), then the run_as user (exec::spawn).
     if let Some(cg) = cgroup {
+        // The watchdog kills the run through it (ansible's workers lead sessions of their own).
+        cmd.env("DOWNLINK_TASK_CGROUP", path(cg.path.clone()));
         cmd.join(cg.join_files());
     }
     if let Some(r) = run_as {

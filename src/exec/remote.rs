@@ -46,6 +46,31 @@ pub struct Node {
     pub control_path: Option<PathBuf>,
 }
 
+impl Node {
+    /// How to reach each of `hosts` as `user` with this agent's SSH settings, through its master
+    /// for that node when one is up.
+    pub fn all(
+        settings: &crate::settings::Settings,
+        control_dir: &std::path::Path,
+        user: &str,
+        hosts: impl IntoIterator<Item = String>,
+    ) -> Vec<Node> {
+        use crate::exec::connections;
+        let options = connections::split_args(&settings.ssh_common_args);
+        hosts
+            .into_iter()
+            .map(|host| Node {
+                control_path: connections::live_socket(control_dir, &host, settings.ssh_port, user),
+                host,
+                user: user.to_owned(),
+                port: settings.ssh_port,
+                key: settings.ssh_private_key.clone(),
+                options: options.clone(),
+            })
+            .collect()
+    }
+}
+
 /// What cleaning one node found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cleaned {

@@ -39,6 +39,7 @@ diesel::table! {
         purged_at -> Nullable<Timestamp>,
         stop_requested_at -> Nullable<Timestamp>,
         stop_reason -> Nullable<Text>,
+        remote_mark -> Nullable<Text>,
     }
 }
 

@@ -74,6 +74,11 @@ impl<T: Queued> Admission<T> {
         self.queue.is_empty()
     }
 
+    /// The ids of the queued tasks, in queue order.
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.queue.iter().map(|t| t.id())
+    }
+
     /// The queued task with this id.
     pub fn get(&self, id: i64) -> Option<&T> {
         self.queue.iter().find(|t| t.id() == id)

@@ -21,6 +21,10 @@ pub enum EndReason {
     Stop,
     /// A `parallel_run` deadline passed.
     Timeout,
+    /// Fencing: this agent could not renew its heartbeat for `fence_after` (`supervisor/fence.rs`).
+    Fenced,
+    /// Another agent has recorded the task's end already (it declared this one lost).
+    EndedElsewhere,
 }
 
 impl EndReason {
@@ -29,6 +33,8 @@ impl EndReason {
         match self {
             EndReason::Stop => "stop",
             EndReason::Timeout => "timeout",
+            EndReason::Fenced => "fenced",
+            EndReason::EndedElsewhere => "ended elsewhere",
         }
     }
 
@@ -48,6 +54,23 @@ impl EndReason {
                 Status::Timeout,
                 Ending::Timeout,
                 timeout_err(settings.parallel_run_timeout_secs),
+            ),
+            EndReason::Fenced => (
+                Status::Interrupted,
+                Ending::Interrupted,
+                format!(
+                    "agent {} renewed no heartbeat for {} s (cut off from its database, or frozen), so it stopped this task itself before other agents could declare it lost: its processes were killed and its nodes cleaned",
+                    settings.agent_name,
+                    settings.fence_after().as_secs()
+                ),
+            ),
+            EndReason::EndedElsewhere => (
+                Status::Interrupted,
+                Ending::Interrupted,
+                format!(
+                    "another agent recorded this task's end while agent {} was out of reach; what was left of it here was killed and its nodes cleaned",
+                    settings.agent_name
+                ),
             ),
         }
     }

@@ -62,6 +62,7 @@ impl Handler<Recover> for TaskSupervisor {
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default(),
                 forks: orphan.spec.forks,
+                remote_mark: None,
             });
             // Adopted with the forks it started with, even above today's budget.
             self.admission.charge(orphan.spec.forks);

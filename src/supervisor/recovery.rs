@@ -129,6 +129,10 @@ fn plan_one(plan: &mut Plan, task: Task, run_root: &Path) {
             pid_start_time: start_time,
             instance: run_root.to_string_lossy().into_owned(),
             forks: spec.forks,
+            remote_mark: std::fs::read_to_string(here.remote_mark())
+                .ok()
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty()),
         };
         plan.adopt.push(Orphan {
             spec,

@@ -2,13 +2,18 @@
 //! queue when there are free forks, applying stops asked through other agents, and ending the
 //! tasks of agents that were lost. The SQL lives in `cluster::claim`.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use actix::prelude::*;
+use futures_util::FutureExt;
 use slog::{info, warn};
 
 use super::end::{EndReason, EndTask};
 use super::TaskSupervisor;
 use crate::ansible::events::Ending;
-use crate::cluster::claim::{self, Room};
+use crate::cluster::claim::{self, LostTask, Room};
+use crate::exec::remote::{self, Cleaned, Node};
 use crate::status::Status;
 use crate::store::persistence::FinishTask;
 use crate::task::{end_without_run, TaskSpec};
@@ -37,6 +42,34 @@ impl Handler<CheckStops> for TaskSupervisor {
     }
 }
 
+/// What ending a lost agent's task did on its nodes, for its `err`.
+fn cleanup_note(marked: bool, cleaned: &HashMap<String, Cleaned>) -> String {
+    if !marked {
+        return "it had not started on its nodes".to_owned();
+    }
+    let killed: u32 = cleaned
+        .values()
+        .map(|c| match c {
+            Cleaned::Clean { killed } | Cleaned::Left { killed, .. } => *killed,
+            Cleaned::Failed(_) => 0,
+        })
+        .sum();
+    let mut failed: Vec<&str> = cleaned
+        .iter()
+        .filter(|(_, c)| !matches!(c, Cleaned::Clean { .. }))
+        .map(|(h, _)| h.as_str())
+        .collect();
+    failed.sort_unstable();
+    if failed.is_empty() {
+        format!("its nodes were cleaned first ({killed} processes of it ended there)")
+    } else {
+        format!(
+            "its nodes were cleaned first ({killed} processes of it ended there), except {} where that failed",
+            failed.join(", ")
+        )
+    }
+}
+
 /// The stored node list of a task row (a row that cannot be read has no nodes to end).
 fn nodes_of(task: &crate::store::Task) -> Vec<String> {
     serde_json::from_str(&task.nodes).unwrap_or_default()
@@ -50,7 +83,7 @@ impl TaskSupervisor {
         let Some(shared) = &self.shared else {
             return;
         };
-        if self.closing || self.claiming || !self.admission.is_empty() {
+        if self.closing || self.fenced || self.claiming || !self.admission.is_empty() {
             return;
         }
         let room = Room {
@@ -129,10 +162,10 @@ impl TaskSupervisor {
             return;
         };
         let me = self.settings.agent_name.clone();
-        let lease = self.settings.heartbeat() * crate::cluster::agents::LEASE_HEARTBEATS;
-        let grace = std::time::Duration::from_secs(self.settings.lost_agent_grace_secs);
+        let lease = self.settings.lease();
+        let grace = Duration::from_secs(self.settings.lost_agent_grace_secs);
         let job = shared.run(move |conn| claim::lost_agents(conn, &me, lease, grace));
-        ctx.spawn(job.into_actor(self).map(|found, act, _| {
+        ctx.spawn(job.into_actor(self).map(|found, act, ctx| {
             let to_end = match found {
                 Ok(to_end) => to_end,
                 Err(e) => {
@@ -140,17 +173,53 @@ impl TaskSupervisor {
                     return;
                 }
             };
-            for (task, err) in to_end {
-                warn!(act.log, "ending a task of a lost agent"; "task_id" => task.id, "agent" => task.agent.clone());
-                let fin = end_without_run(
-                    task.id,
-                    &nodes_of(&task),
-                    Status::Interrupted,
-                    Ending::Interrupted,
-                    err,
-                );
-                act.persistence.do_send(FinishTask(fin));
+            for lost in to_end {
+                act.end_lost(lost, ctx);
             }
+        }));
+    }
+
+    /// Ends a lost agent's task as interrupted: first what it started on its nodes (as a stop
+    /// cleans them), then its row, so that once the row says 7 nothing of it runs on the nodes.
+    /// Its processes on the lost agent's machine end by that agent's own fencing.
+    fn end_lost(&mut self, lost: LostTask, ctx: &mut Context<Self>) {
+        let id = lost.task.id;
+        if !self.reaping.insert(id) {
+            return;
+        }
+        warn!(self.log, "ending a task of a lost agent"; "task_id" => id, "agent" => lost.task.agent.clone());
+        let nodes = nodes_of(&lost.task);
+        let cleaning = match &lost.remote_mark {
+            Some(mark) => {
+                let s = &self.settings;
+                let reach = Node::all(
+                    s,
+                    &self.exec.control_dir,
+                    &lost.task.remote_user,
+                    nodes.clone(),
+                );
+                remote::clean(
+                    reach,
+                    mark.clone(),
+                    Duration::from_secs(s.remote_cleanup_secs),
+                    s.remote_cleanup_concurrency,
+                )
+                .boxed_local()
+            }
+            None => async { HashMap::new() }.boxed_local(),
+        };
+        ctx.spawn(cleaning.into_actor(self).map(move |cleaned, act, ctx| {
+            let note = cleanup_note(lost.remote_mark.is_some(), &cleaned);
+            let err = format!("{}; {note}", lost.err);
+            let fin = end_without_run(id, &nodes, Status::Interrupted, Ending::Interrupted, err);
+            let sent = act.persistence.send(FinishTask(fin));
+            ctx.spawn(sent.into_actor(act).map(move |res, act, _| {
+                // Recorded or not, it is let go: if it is still live, the next look finds it.
+                act.reaping.remove(&id);
+                if !matches!(res, Ok(Ok(_))) {
+                    warn!(act.log, "the end of a lost agent's task was not recorded; tried again at the next look"; "task_id" => id);
+                }
+            }));
         }));
     }
 

@@ -9,7 +9,6 @@ use slog::{error, info, warn};
 use super::verdict::{verdict, Exit, Verdict};
 use crate::ansible::events::Ending;
 use crate::ansible::rundir::{self};
-use crate::exec::connections::{self};
 use crate::exec::procs;
 use crate::exec::remote::{self};
 use crate::status::Status;
@@ -161,12 +160,16 @@ impl TaskActor {
                 }
                 let why = rundir::error_line(&output);
                 let recorded = adopted.then(|| read_end_file(&run_dir)).flatten();
-                (killed, emptied, usage, cut, why, recorded)
+                let fenced = std::fs::read_to_string(run_dir.fenced())
+                    .ok()
+                    .map(|f| f.trim().to_owned())
+                    .filter(|f| !f.is_empty());
+                (killed, emptied, usage, cut, why, (recorded, fenced))
             })
             .await
         };
         ctx.wait(local.into_actor(self).map(move |joined, act, ctx| {
-            let Ok((killed, emptied, usage, cut, why, recorded)) = joined else {
+            let Ok((killed, emptied, usage, cut, why, (recorded, fenced))) = joined else {
                 act.set_pgid(None);
                 act.record_end(exit, None, Usage::default(), HashMapCleaned::new(), ctx);
                 return;
@@ -183,6 +186,12 @@ impl TaskActor {
             act.output_cut += cut;
             act.set_pgid(None);
             act.recorded = recorded;
+            if let (None, Some(reason)) = (&act.kill, fenced) {
+                // The task's watchdog ended it (this agent's lease ran out): an end from outside,
+                // so its nodes are cleaned as after a stop.
+                warn!(act.log, "the task's watchdog ended it"; "reason" => &reason);
+                act.kill = Some((Ending::Interrupted, reason));
+            }
             // After a stop or a time limit, the work the task started on its nodes goes too.
             let clean = act.kill.is_some() && act.recorded.is_none();
             match (clean, act.mark.clone()) {
@@ -206,26 +215,12 @@ impl TaskActor {
 
     /// The nodes the task may have started processes on, and how to reach each.
     pub(super) fn cleanup_nodes(&self) -> Vec<remote::Node> {
-        let s = &self.settings;
-        let options = connections::split_args(&s.ssh_common_args);
-        self.ingest
-            .hosts
-            .reachable()
-            .into_iter()
-            .map(|host| remote::Node {
-                control_path: connections::live_socket(
-                    &self.exec.control_dir,
-                    &host,
-                    s.ssh_port,
-                    &self.spec.remote_user,
-                ),
-                host,
-                user: self.spec.remote_user.clone(),
-                port: s.ssh_port,
-                key: s.ssh_private_key.clone(),
-                options: options.clone(),
-            })
-            .collect()
+        remote::Node::all(
+            &self.settings,
+            &self.exec.control_dir,
+            &self.spec.remote_user,
+            self.ingest.hosts.reachable(),
+        )
     }
 
     pub(super) fn record_end(

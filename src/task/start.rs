@@ -110,6 +110,7 @@ impl TaskActor {
             pid_start_time: started,
             instance: self.run_root.to_string_lossy().into_owned(),
             forks: self.spec.forks,
+            remote_mark: self.mark.clone(),
         };
         self.supervisor.do_send(TaskReport::Started(mark.clone()));
         self.persistence.do_send(mark);

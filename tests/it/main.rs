@@ -9,6 +9,7 @@ mod cluster;
 mod contract;
 mod disk;
 mod execution;
+mod fencing;
 mod fuzz;
 pub mod harness;
 mod hostile;

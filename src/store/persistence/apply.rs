@@ -78,6 +78,7 @@ fn run(c: &mut DbConnection, write: &Write, notify: bool) -> Result<bool, StoreE
             m.pid_start_time,
             &m.instance,
             m.forks,
+            m.remote_mark.as_deref(),
         ),
         Write::Progress(p) => {
             store::insert_events(c, p.task_id, &p.events, p.offset)?;

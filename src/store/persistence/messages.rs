@@ -57,6 +57,8 @@ pub struct MarkRunning {
     pub instance: String,
     /// Forks it runs with (`--forks`), recorded in `tasks.forks`.
     pub forks: u32,
+    /// Its mark on the nodes (`tasks.remote_mark`), when known.
+    pub remote_mark: Option<String>,
 }
 
 impl Handler<MarkRunning> for Persistence {
