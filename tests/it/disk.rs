@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::sql_types::Text;
 use serde_json::{json, Value};
 
-use crate::harness::{figure, request, run_body, wait_until, Backend, DbView, TestServer, HOSTS};
+use crate::harness::{
+    figure, request, run_body, wait_until, Backend, DbView, TaskRow, TestServer, HOSTS,
+};
 
 /// A tmpfs of `size` mounted at `path`, unmounted on drop.
 struct SmallDisk(PathBuf);
@@ -64,25 +66,8 @@ impl Drop for SmallDisk {
     }
 }
 
-#[derive(QueryableByName, Debug)]
-struct Row {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = Integer)]
-    status: i32,
-    #[diesel(sql_type = Nullable<Text>)]
-    err: Option<String>,
-}
-
-/// Every task row, read with plain SQL.
-fn rows(view: &DbView) -> Vec<Row> {
-    view.read(|c| {
-        Ok(diesel::sql_query("SELECT id, status, err FROM tasks ORDER BY id").load::<Row>(c)?)
-    })
-}
-
-fn row(view: &DbView, id: i64) -> Row {
-    rows(view)
+fn row(view: &DbView, id: i64) -> TaskRow {
+    view.rows()
         .into_iter()
         .find(|r| r.id == id)
         .unwrap_or_else(|| panic!("task {id} has no row"))
@@ -163,7 +148,7 @@ fn a_full_run_directory_disk_ends_its_task_and_refuses_new_ones() {
         why.contains("low on space") && why.contains("run_dir_min_free_bytes"),
         "{ready}"
     );
-    let before = rows(&server.view).len();
+    let before = server.view.rows().len();
     let refused = server.call("/api/run", run_body("while-full", &[HOSTS[0]], "- ping:"));
     assert_eq!(refused["code"], -1, "{refused}");
     let message = refused["message"].as_str().unwrap_or_default();
@@ -172,7 +157,7 @@ fn a_full_run_directory_disk_ends_its_task_and_refuses_new_ones() {
         "{refused}"
     );
     assert_eq!(
-        rows(&server.view).len(),
+        server.view.rows().len(),
         before,
         "a refused task is not stored"
     );
@@ -249,13 +234,13 @@ fn with_sqlite_on_a_full_disk_no_acknowledged_row_is_lost_and_recording_resumes(
     );
     eprintln!(
         "acknowledged {acknowledged:?}, refused {refused}, rows {:?}",
-        rows(&view)
+        view.rows()
     );
     for id in &acknowledged {
         let r = view.wait_end(*id, 60);
         assert!(r.status >= 3, "acknowledged task {id} ends");
     }
-    let stored: Vec<i64> = rows(&view).into_iter().map(|r| r.id).collect();
+    let stored: Vec<i64> = view.rows().into_iter().map(|r| r.id).collect();
     for id in acknowledged.iter().chain([&waiting]) {
         assert!(stored.contains(id), "acknowledged task {id} kept its row");
     }

@@ -154,6 +154,19 @@ impl Drop for TempDir {
     }
 }
 
+/// A task row read with plain SQL: what a DBA would see, not what the store's reader makes of it.
+#[derive(diesel::QueryableByName, Debug)]
+pub struct TaskRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub name: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub status: i32,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub err: Option<String>,
+}
+
 /// Reads of a test database, retried while the database is away (outage tests).
 pub struct DbView {
     pub pool: Pool,
@@ -191,6 +204,17 @@ impl DbView {
                 Err(e) => panic!("test read failed: {e}"),
             }
         }
+    }
+
+    /// Every task row, in id order, read with plain SQL.
+    pub fn rows(&self) -> Vec<TaskRow> {
+        use diesel::RunQueryDsl;
+        self.read(|c| {
+            Ok(
+                diesel::sql_query("SELECT id, name, status, err FROM tasks ORDER BY id")
+                    .load::<TaskRow>(c)?,
+            )
+        })
     }
 
     pub fn task(&self, id: i64) -> Task {

@@ -4,6 +4,7 @@
 
 mod architecture;
 mod auth;
+mod chaos;
 mod cli;
 mod cluster;
 mod contract;
