@@ -13,10 +13,17 @@
 //! it starts (its ControlPersist masters included) on the other. The HTTP client is not counted.
 //! Each figure starts cold: a fresh server and run directory, a fresh `HOME` for the user.
 //!
+//! - W300, W1000: one ping task on 300 and 1,000 distinct SSH nodes against by hand at the same
+//!   forks (see `wide.rs`): wall ≤ 1.00, peak local ssh processes no more than by hand,
+//!   `/api/check` of another task p99 ≤ 50 ms.
+//!
 //! `scripts/bench` runs it (it starts the SSH test hosts and installs ansible-core first);
-//! `scripts/bench --quick` runs 4 and 2 playbooks instead of 20 and 10.
+//! `scripts/bench --quick` runs 4 and 2 playbooks instead of 20 and 10, and 30 wide nodes; names
+//! such as `P1 W300` pick figures.
 
 mod common;
+#[path = "vs_by_hand/wide.rs"]
+mod wide;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -72,15 +79,15 @@ struct ByHand {
 }
 
 impl ByHand {
-    fn new(s: &Setup, name: &str, pipelining: bool) -> ByHand {
+    fn new(s: &Setup, name: &str, pipelining: bool, hosts: &[String], port: &str) -> ByHand {
         let dir = s.dir.join(name);
         std::fs::create_dir_all(dir.join("home")).expect("home");
-        let hosts: serde_json::Map<String, serde_json::Value> = HOSTS
+        let hosts: serde_json::Map<String, serde_json::Value> = hosts
             .iter()
             .map(|h| (h.to_string(), serde_json::json!({})))
             .collect();
         let inventory = serde_json::json!({"all": {"hosts": hosts, "vars": {
-            "ansible_user": "root", "ansible_port": s.port.parse::<u16>().expect("port"),
+            "ansible_user": "root", "ansible_port": port.parse::<u16>().expect("port"),
             "ansible_ssh_private_key_file": s.key, "ansible_ssh_common_args": s.common,
             "ansible_python_interpreter": "/usr/bin/python3"}}});
         std::fs::write(dir.join("inventory.yml"), inventory.to_string()).expect("inventory");
@@ -94,9 +101,15 @@ impl ByHand {
     }
 
     fn run(&self) {
+        self.run_forks(5);
+    }
+
+    /// One run at `forks` (ansible's default is 5).
+    fn run_forks(&self, forks: usize) {
         let mut cmd = Command::new(&self.playbook_bin);
         cmd.current_dir(&self.dir)
-            .args(["-i", "inventory.yml", "playbook.yml"])
+            .args(["-i", "inventory.yml", "playbook.yml", "--forks"])
+            .arg(forks.to_string())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", self.dir.join("home"))
@@ -127,7 +140,14 @@ impl ByHand {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let picked: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |name: &str| picked.is_empty() || picked.contains(&name);
     let (p1_runs, p2_runs) = if quick { (4, 2) } else { (20, 10) };
     let dir = std::env::temp_dir().join(format!("dl-bench-{}", std::process::id()));
     let bench_cg = v2_mount().join(format!("dlbench-{}", std::process::id()));
@@ -140,12 +160,30 @@ fn main() {
         bench_cg: Cg::new(bench_cg.clone()).0,
     };
 
-    // P1: 4 at a time; downlink against by hand with pipelining.
-    let server = Server::start(&s, "p1-downlink");
+    let three: Vec<String> = HOSTS.iter().map(|h| h.to_string()).collect();
+    if wants("P1") {
+        p1(&s, &three, p1_runs);
+    }
+    if wants("P2") {
+        p2(&s, &three, p2_runs);
+    }
+    if wants("W300") {
+        wide::figure(&s, &env("DLTEST_WIDE_PORT"), if quick { 30 } else { 300 });
+    }
+    if wants("W1000") && !quick {
+        wide::figure(&s, &env("DLTEST_WIDE_PORT"), 1000);
+    }
+    remove_cgroups(&bench_cg);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// P1: 4 at a time; downlink against by hand with pipelining.
+fn p1(s: &Setup, hosts: &[String], p1_runs: usize) {
+    let server = Server::start(s, "p1-downlink");
     let dl_wall = in_parallel(p1_runs, 4, |i| server.run(&format!("p1-{i}")));
     let dl_cpu = server.0.cg.cpu_secs();
     drop(server);
-    let hand = ByHand::new(&s, "p1-by-hand", true);
+    let hand = ByHand::new(s, "p1-by-hand", true, hosts, &s.port);
     let hand_wall = in_parallel(p1_runs, 4, |_| hand.run());
     hand.close();
     let hand_cpu = hand.cg.cpu_secs();
@@ -154,16 +192,18 @@ fn main() {
         dl_wall / hand_wall,
         dl_cpu / hand_cpu
     );
+}
 
-    // P2: one after another; downlink against by hand with ansible's defaults.
-    let server = Server::start(&s, "p2-downlink");
+/// P2: one after another; downlink against by hand with ansible's defaults.
+fn p2(s: &Setup, hosts: &[String], p2_runs: usize) {
+    let server = Server::start(s, "p2-downlink");
     let dl_wall = in_parallel(p2_runs, 1, |i| server.run(&format!("p2-{i}")));
     drop(server);
-    let naive = ByHand::new(&s, "p2-by-hand", false);
+    let naive = ByHand::new(s, "p2-by-hand", false, hosts, &s.port);
     let naive_wall = in_parallel(p2_runs, 1, |_| naive.run());
     naive.close();
     // The floor of ansible-playbook itself: by hand with pipelining and warm masters.
-    let warm = ByHand::new(&s, "p2-floor", true);
+    let warm = ByHand::new(s, "p2-floor", true, hosts, &s.port);
     warm.run();
     let floor_wall = in_parallel(p2_runs, 1, |_| warm.run());
     warm.close();
@@ -172,6 +212,4 @@ fn main() {
         dl_wall / naive_wall,
         floor_wall / naive_wall
     );
-    remove_cgroups(&bench_cg);
-    let _ = std::fs::remove_dir_all(&dir);
 }
