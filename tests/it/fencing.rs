@@ -243,7 +243,6 @@ fn an_agent_cut_off_from_postgres_stops_its_own_tasks_before_they_are_declared_l
     let a_url = format!("{rest}@127.0.0.1:{}/{name}", cable.port);
     let (a_settings, b_settings) = (agent(&dir, &a_url, 0), agent(&dir, &db.url, 1));
     let a = BinServer::start(&a_settings, &dir.0);
-    let b = BinServer::start(&b_settings, &dir.0);
     let long = run(&a, "long", HOSTS[0], "- command: sleep 6782\n");
     let run_dir = a_settings
         .run_dir
@@ -253,6 +252,8 @@ fn an_agent_cut_off_from_postgres_stops_its_own_tasks_before_they_are_declared_l
         row(&view, long).agent.as_deref() == Some(a_settings.agent_name.as_str())
             && !crate::procwatch::with_token("sleep 6782").is_empty()
     });
+    // Started once a runs the task: b shares the queue and could have claimed it first.
+    let b = BinServer::start(&b_settings, &dir.0);
     cable.cut();
     let cut = Instant::now();
     let seen = watch(&view, long, &run_dir, "sleep 6782", cut, 30);
