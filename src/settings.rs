@@ -144,6 +144,8 @@ pub struct Settings {
     pub stop_grace_secs: u64,
     pub cgroup_parent: String,
     pub ssh_idle_secs: u64,
+    /// Most SSH masters the agent keeps (least recently used closed first).
+    pub max_ssh_masters: usize,
     pub remote_cleanup_secs: u64,
     pub remote_cleanup_concurrency: usize,
     pub parallel_run_timeout_secs: u64,
@@ -259,6 +261,9 @@ impl Settings {
         let bad = |m: &str| Err(SettingsError::Invalid(m.to_owned()));
         if self.max_forks == 0 {
             return bad("max_forks must be at least 1");
+        }
+        if self.max_ssh_masters == 0 {
+            return bad("max_ssh_masters must be at least 1");
         }
         if !is_agent_name(&self.agent_name) {
             return bad("agent_name must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names the agent's run directory");

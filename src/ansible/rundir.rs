@@ -16,6 +16,8 @@
 //!                     remote-mark         the task's mark on its nodes (DOWNLINK_TASK=<mark>)
 //!                     fenced              why the task's watchdog ended it (the agent's lease ran out)
 //!                     tmp/                ansible's local temp files
+//!                     cp/                 the task's SSH control sockets: links to the agent's
+//!                                         masters, and the task's own (exec::connections)
 //! <root>/.cp/                          the agent's SSH control sockets (exec::connections)
 //! <root>/.lease                        touched at every heartbeat renewed (shared_queue): each
 //!                                      task's watchdog ends the task when it grows too old
@@ -78,6 +80,11 @@ impl RunDir {
         self.path.join("fenced")
     }
 
+    /// The task's SSH control-socket directory (`ANSIBLE_SSH_CONTROL_PATH_DIR`).
+    pub fn control_dir(&self) -> PathBuf {
+        self.path.join("cp")
+    }
+
     /// The value of the task's process marker.
     pub fn mark(&self) -> String {
         self.path.to_string_lossy().into_owned()
@@ -91,6 +98,15 @@ pub type Owner = (Uid, Gid);
 pub fn install(root: &Path, owner: Option<Owner>) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let root = root.canonicalize()?;
+    if root.as_os_str().len() > MAX_ROOT_LEN {
+        return Err(io::Error::other(format!(
+            "{} is too long for ssh's control sockets ({} bytes; at most {MAX_ROOT_LEN}: a task's \
+             socket <root>/<id>/cp/<10 hex>.<16 chars> must fit the 107 bytes of a Unix socket \
+             path): choose a shorter run_dir or agent_name",
+            root.display(),
+            root.as_os_str().len()
+        )));
+    }
     let plugins = root.join(".plugins");
     fs::create_dir_all(&plugins)?;
     fs::create_dir_all(root.join(".ansible"))?;
@@ -105,6 +121,11 @@ pub fn install(root: &Path, owner: Option<Owner>) -> io::Result<PathBuf> {
     }
     Ok(root)
 }
+
+/// The longest run-directory root: a Unix socket path holds 107 bytes, and ssh binds a master's
+/// socket first as `<socket>.<16 random characters>`; a task's socket is
+/// `<root>/<id up to 12 digits>/cp/<10 hex digits>`.
+const MAX_ROOT_LEN: usize = 107 - (1 + 12 + 4 + 10 + 17);
 
 /// The agent's SSH control-socket directory under its run-directory root.
 pub fn control_dir(root: &Path) -> PathBuf {
@@ -134,6 +155,8 @@ pub struct Job<'a> {
     pub remote_user: &'a str,
     pub content: &'a str,
     pub params: &'a Map<String, Value>,
+    /// The agent's SSH masters the task may use (`exec::connections::Acquire`).
+    pub masters: &'a [PathBuf],
 }
 
 /// Writes the run directory of a task (replacing any left from an earlier database), owned by
@@ -167,6 +190,7 @@ pub fn prepare(
         Value::Object(job.params.clone()).to_string(),
     )?;
     fs::write(dir.path.join("ansible.cfg"), ANSIBLE_CFG)?;
+    link_masters(&dir.control_dir(), job.masters)?;
     fs::write(dir.events(), b"")?;
     fs::OpenOptions::new()
         .create(true)
@@ -189,6 +213,19 @@ pub fn prepare(
     }
     fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o700))?;
     owner(&dir.path)?;
+    Ok(())
+}
+
+/// The task's control directory, with a link named as ansible names a node's socket to each agent
+/// master the task may use (the names are the same hash in both directories), so that the task's
+/// ssh (`ControlMaster=auto`) multiplexes over the agent's master instead of starting its own.
+pub fn link_masters(control_dir: &Path, masters: &[PathBuf]) -> io::Result<()> {
+    fs::create_dir_all(control_dir)?;
+    for socket in masters {
+        if let Some(name) = socket.file_name() {
+            std::os::unix::fs::symlink(socket, control_dir.join(name))?;
+        }
+    }
     Ok(())
 }
 

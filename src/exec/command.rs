@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group, Uid, User};
 
-use crate::ansible::rundir::{self, control_dir, Owner, RunDir};
+use crate::ansible::rundir::{self, Owner, RunDir};
 use crate::ansible::{CALLBACK_NAME, TASK_MARK_VAR};
 use crate::exec::cgroup::TaskCgroup;
 use crate::exec::spawn::Spawn;
@@ -89,19 +89,19 @@ pub fn command(
             .env("USER", &r.name)
             .env("LOGNAME", &r.name);
     }
-    // A task's ssh uses the agent's master when there is one and never starts its own
-    // (exec::connections); ControlPersist is named only so that ansible adds its ControlPath.
-    // An ANSIBLE_SSH_ARGS in ansible_env replaces this.
+    // A task's ssh uses the agent's master where the task's control directory links to one,
+    // and elsewhere starts a master of its own there, as ansible does by default
+    // (exec::connections). An ANSIBLE_SSH_ARGS in ansible_env replaces this.
     cmd.env(
         "ANSIBLE_SSH_ARGS",
-        "-C -o ControlMaster=no -o ControlPersist=60s",
+        "-C -o ControlMaster=auto -o ControlPersist=60s",
     );
     cmd.envs(&settings.ansible_env);
     let path = |p: PathBuf| p.to_string_lossy().into_owned();
     cmd.env("ANSIBLE_CALLBACK_PLUGINS", path(root.join(".plugins")))
         .env("ANSIBLE_CALLBACKS_ENABLED", CALLBACK_NAME)
         .env("ANSIBLE_HOME", path(root.join(".ansible")))
-        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", path(control_dir(root)))
+        .env("ANSIBLE_SSH_CONTROL_PATH_DIR", path(dir.control_dir()))
         .env("DOWNLINK_REMOTE_MARK", mark)
         .env("ANSIBLE_LOCAL_TEMP", path(dir.path.join("tmp")))
         .env("ANSIBLE_RETRY_FILES_ENABLED", "False")

@@ -1,22 +1,34 @@
-//! Warm SSH connections, owned by the agent. A task's ssh clients never start a multiplexing
-//! master of their own (`ControlMaster=no`): the masters are downlink's, one per (remote user,
-//! host, port) — the key is the agent's — started outside every task's cgroup and process group,
-//! shared by consecutive and concurrent tasks, and closed when idle for `ssh_idle_secs`, when
-//! their connection dies (an unreachable node), and when the server stops for good. They close
-//! themselves when idle (`ControlPersist`), so even a crashed agent leaks none for long. A stop kills
-//! the task's own multiplexed clients (they are in its cgroup) and never a master, so no other
-//! task loses its connection.
+//! Warm SSH connections, owned by the agent: multiplexing masters, one per (remote user, host,
+//! port) — the key is the agent's — started outside every task's cgroup and process group, shared
+//! by consecutive and concurrent tasks, and closed when idle for `ssh_idle_secs`, when their
+//! connection dies (an unreachable node), and when the server stops for good. They close
+//! themselves when idle (`ControlPersist`), so even a crashed agent leaks none for long. At most
+//! `max_ssh_masters` are kept: past it, the least recently used is asked to stop (`ssh -O stop`:
+//! sessions in use go on, new ones connect anew).
+//!
+//! A task gets agent masters for its first `min(forks, max_ssh_masters)` nodes: ansible reaches
+//! nodes in inventory order, `forks` at a time, so those are the ones the task waits for at its
+//! start. Its ssh runs with `ControlMaster=auto` in a control directory of its own (`<run
+//! dir>/cp`), where a symbolic link stands for each agent master it may use
+//! ([`crate::ansible::rundir::link_masters`]); for the other nodes its ssh starts a master of its
+//! own there, inside the task's cgroup, exactly as ansible by hand does, and that master ends
+//! with the task. One handshake per node, never two: a node the agent is still connecting to
+//! has its link already (a link to a socket not yet there makes ssh connect directly for that
+//! one session, without a master of its own).
+//!
+//! A stop kills the task's own processes and masters (they are in its cgroup) and never an
+//! agent master, so no other task loses its connection.
 //!
 //! The control socket of a master is where ansible looks by default: `<control dir>/<first ten
-//! hex digits of sha1("host-port-user")>` under `ANSIBLE_SSH_CONTROL_PATH_DIR`, which downlink
-//! sets to `<run root>/.cp` (0700, owned by `run_as_user` when set). With `ControlMaster=no` a
-//! task's ssh uses a master when its socket is there and connects directly when it is not, so a
-//! master that is not up yet (or failed) costs a task nothing but the warm start.
+//! hex digits of sha1("host-port-user")>` under `ANSIBLE_SSH_CONTROL_PATH_DIR`. The agent's are in
+//! `<run root>/.cp` (0700, owned by `run_as_user` when set).
 //!
 //! The actor runs on a thread of its own (see `server::run`), never the task actors' thread, and
 //! starts masters through [`crate::exec::spawn`] (no copy of the server), at most `max_forks` at
-//! once (ansible itself never opens more connections at once): the rest wait their turn, and a task
-//! whose masters are not up within `WARM_WAIT` (1.5 s) starts anyway and connects directly.
+//! once: the rest wait their turn, and a task whose masters are not up within `WARM_WAIT` (1.5 s)
+//! starts anyway. A master that has not come up within `START_LIMIT` is killed (an ssh that found
+//! its socket taken would otherwise live on as a plain connection); starters left by an agent
+//! that died are killed when the actor starts.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
@@ -38,6 +50,8 @@ const WARM_WAIT: Duration = Duration::from_millis(1500);
 const SWEEP: Duration = Duration::from_millis(500);
 /// How often masters being started are looked at (cheap when none is).
 const POLL_STARTING: Duration = Duration::from_millis(50);
+/// How long a master may take to come up (`ConnectTimeout` is 10 s) before it is killed.
+const START_LIMIT: Duration = Duration::from_secs(30);
 
 /// One master's key: (remote user, host, port).
 type Key = (String, String, u16);
@@ -53,6 +67,17 @@ pub fn control_path(dir: &Path, host: &str, port: u16, user: &str) -> PathBuf {
 struct Starting {
     child: Child,
     socket: PathBuf,
+    since: Instant,
+}
+
+/// A master that is up.
+struct Master {
+    socket: PathBuf,
+    /// The daemon's pid (reaped when it ends; the agent is its subreaper); unknown for one an
+    /// earlier agent started.
+    pid: Option<i32>,
+    /// When a task last asked for it (least recently used is stopped first).
+    used: Instant,
 }
 
 /// The connections actor.
@@ -65,8 +90,10 @@ pub struct Connections {
     /// Masters waiting for a turn to start (at most `max_forks` start at once), in order.
     waiting: VecDeque<Key>,
     waiting_keys: HashSet<Key>,
-    /// Masters up, by key: the daemon's pid (reaped when it ends; the agent is its subreaper).
-    up: HashMap<Key, (PathBuf, Option<i32>)>,
+    /// Masters up, by key.
+    up: HashMap<Key, Master>,
+    /// Masters asked to stop, by pid, until they have ended and been reaped.
+    stopping: Vec<i32>,
 }
 
 impl Connections {
@@ -86,6 +113,7 @@ impl Connections {
             waiting: VecDeque::new(),
             waiting_keys: HashSet::new(),
             up: HashMap::new(),
+            stopping: Vec::new(),
         }
     }
 
@@ -174,7 +202,14 @@ impl Connections {
         match self.master_command(&key, &socket).spawn() {
             Ok(child) => {
                 debug!(self.log, "starting an ssh master"; "host" => &key.1, "user" => &key.0);
-                self.starting.insert(key, Starting { child, socket });
+                self.starting.insert(
+                    key,
+                    Starting {
+                        child,
+                        socket,
+                        since: Instant::now(),
+                    },
+                );
                 true
             }
             Err(e) => {
@@ -195,18 +230,33 @@ impl Connections {
         }
     }
 
-    /// Starts the masters missing for these keys; the sockets to wait for.
-    fn take(&mut self, keys: Vec<Key>) -> Vec<PathBuf> {
+    /// Starts the masters missing for `start` (the first nodes of a task); the sockets to wait
+    /// for, and the agent's sockets for every key of `all` it has or is starting a master for.
+    fn take(&mut self, start: &[Key], all: &[Key]) -> (Vec<PathBuf>, Vec<PathBuf>) {
         let mut wait = Vec::new();
-        for key in keys {
+        for key in start {
             let socket = control_path(&self.dir, &key.1, key.2, &key.0);
-            if self.starting.contains_key(&key) || self.waiting_keys.contains(&key) {
+            if self.starting.contains_key(key) || self.waiting_keys.contains(key) {
                 wait.push(socket);
                 continue;
             }
+            if let Some(m) = self.up.get_mut(key) {
+                if m.socket.exists() {
+                    continue;
+                }
+            }
             if socket.exists() {
-                // Up, or left by a master that is gone (a crash): a dead socket refuses.
+                // Up (an earlier agent's, still warm), or left by a master that is gone (a crash):
+                // a dead socket refuses.
                 if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    self.up.insert(
+                        key.clone(),
+                        Master {
+                            socket,
+                            pid: None,
+                            used: Instant::now(),
+                        },
+                    );
                     continue;
                 }
                 if let Err(e) = std::fs::remove_file(&socket) {
@@ -216,10 +266,59 @@ impl Connections {
             }
             wait.push(socket);
             self.waiting_keys.insert(key.clone());
-            self.waiting.push_back(key);
+            self.waiting.push_back(key.clone());
         }
+        let now = Instant::now();
+        let mut links = Vec::new();
+        for key in all {
+            if let Some(m) = self.up.get_mut(key) {
+                m.used = now;
+                links.push(m.socket.clone());
+            } else if let Some(st) = self.starting.get(key) {
+                links.push(st.socket.clone());
+            } else if self.waiting_keys.contains(key) {
+                links.push(control_path(&self.dir, &key.1, key.2, &key.0));
+            }
+        }
+        self.evict(start);
         self.start_waiting();
-        wait
+        (wait, links)
+    }
+
+    /// Past `max_ssh_masters` (up, starting and waiting), asks the least recently used masters
+    /// that are up, other than those of `keep`, to stop.
+    fn evict(&mut self, keep: &[Key]) {
+        let held = self.up.len() + self.starting.len() + self.waiting.len();
+        let over = held.saturating_sub(self.settings.max_ssh_masters);
+        if over == 0 {
+            return;
+        }
+        let mut old: Vec<(Instant, Key)> = self
+            .up
+            .iter()
+            .filter(|(k, _)| !keep.contains(k))
+            .map(|(k, m)| (m.used, k.clone()))
+            .collect();
+        old.sort();
+        for (_, key) in old.into_iter().take(over) {
+            let Some(m) = self.up.remove(&key) else {
+                continue;
+            };
+            debug!(self.log, "stopping the least recently used ssh master"; "host" => &key.1);
+            match self.control("stop", &m.socket, &key.1) {
+                Ok((status, _)) if status.success() => {}
+                Ok((status, text)) => {
+                    warn!(self.log, "an ssh master did not stop (it closes itself when idle)"; "host" => &key.1, "status" => %status, "answer" => text.trim());
+                }
+                Err(e) => {
+                    warn!(self.log, "cannot stop an ssh master (it closes itself when idle)"; "host" => &key.1, "error" => %e);
+                }
+            }
+            // The daemon ends once its sessions have: the sweep reaps it then.
+            if let Some(pid) = m.pid {
+                self.stopping.push(pid);
+            }
+        }
     }
 
     /// Notes masters that came up or failed, and starts waiting ones in their place.
@@ -230,7 +329,17 @@ impl Connections {
         let log = self.log.clone();
         let mut came_up = Vec::new();
         self.starting.retain(|key, st| match st.child.try_wait() {
-            Ok(None) => true,
+            Ok(None) if st.since.elapsed() < START_LIMIT => true,
+            Ok(None) => {
+                // Still in the foreground: not up (a good master daemonizes and this ssh exits),
+                // perhaps a plain connection for good because its socket was taken.
+                warn!(log, "an ssh master did not come up in time, killing it (its tasks connect directly)";
+                      "host" => &key.1, "after_secs" => START_LIMIT.as_secs());
+                if let Err(e) = st.child.kill() {
+                    warn!(log, "cannot kill an ssh master being started"; "host" => &key.1, "error" => %e);
+                }
+                false
+            }
             Ok(Some(status)) => {
                 if status.success() && st.socket.exists() {
                     came_up.push((key.clone(), st.socket.clone()));
@@ -247,7 +356,8 @@ impl Connections {
         });
         for (key, socket) in came_up {
             let pid = self.master_pid(&socket, &key.1);
-            self.up.insert(key, (socket, pid));
+            let used = Instant::now();
+            self.up.insert(key, Master { socket, pid, used });
         }
         self.start_waiting();
     }
@@ -275,16 +385,21 @@ impl Connections {
     fn sweep(&mut self) {
         self.poll_starting();
         let log = self.log.clone();
-        self.up.retain(|key, (socket, pid)| {
-            if socket.exists() {
+        self.up.retain(|key, m| {
+            if m.socket.exists() {
                 return true;
             }
             debug!(log, "an ssh master ended"; "host" => &key.1);
-            if let Some(pid) = pid {
-                crate::exec::procs::reap(&[*pid]);
+            if let Some(pid) = m.pid {
+                crate::exec::procs::reap(&[pid]);
             }
             false
         });
+        if !self.stopping.is_empty() {
+            crate::exec::procs::reap(&self.stopping);
+            self.stopping
+                .retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        }
     }
 }
 
@@ -298,35 +413,51 @@ impl Actor for Connections {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // Masters of an agent that died: those up serve on (they close when idle); those it was
+        // still starting, or that never got their socket, would live on as plain connections.
+        let left: Vec<i32> = crate::exec::procs::ssh_masters(&self.dir)
+            .into_iter()
+            .filter(|(pid, socket)| self.master_pid(socket, "left") != Some(*pid))
+            .map(|(pid, _)| pid)
+            .collect();
+        if !left.is_empty() {
+            info!(self.log, "killing ssh masters a previous run left half started"; "count" => left.len());
+            crate::exec::procs::kill_now(&left);
+        }
         ctx.run_interval(SWEEP, |act, _| act.sweep());
         ctx.run_interval(POLL_STARTING, |act, _| act.poll_starting());
     }
 }
 
-/// Make sure masters for these nodes of a task are up (starting the missing ones); answers once
-/// they are, or after a short wait (a task never waits long for a warm start).
+/// Make sure masters for the first nodes of a task are up (starting the missing ones); answers
+/// once they are, or after a short wait (a task never waits long for a warm start), with the
+/// agent's sockets the task may use (see [`crate::ansible::rundir::link_masters`]).
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Vec<PathBuf>")]
 pub struct Acquire {
     pub user: String,
     pub hosts: Vec<String>,
+    /// The task's forks: how many of its nodes ansible reaches at once.
+    pub forks: u32,
 }
 
 impl Handler<Acquire> for Connections {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseFuture<Vec<PathBuf>>;
     fn handle(&mut self, msg: Acquire, _: &mut Context<Self>) -> Self::Result {
         let port = self.settings.ssh_port;
-        let keys = msg
+        let all: Vec<Key> = msg
             .hosts
             .into_iter()
             .map(|h| (msg.user.clone(), h, port))
             .collect();
-        let wait = self.take(keys);
+        let first = (msg.forks.max(1) as usize).min(self.settings.max_ssh_masters);
+        let (wait, links) = self.take(&all[..first.min(all.len())], &all);
         Box::pin(async move {
             let deadline = Instant::now() + WARM_WAIT;
             while Instant::now() < deadline && wait.iter().any(|s| !s.exists()) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            links
         })
     }
 }
@@ -355,7 +486,7 @@ impl Handler<CloseAll> for Connections {
         self.waiting.clear();
         self.waiting_keys.clear();
         let up: Vec<_> = self.up.drain().collect();
-        for (key, (socket, pid)) in up {
+        for (key, Master { socket, pid, .. }) in up {
             if let Err(e) = self.control("exit", &socket, &key.1) {
                 warn!(self.log, "cannot close an ssh master (it closes itself when idle)"; "host" => &key.1, "error" => %e);
             }

@@ -87,6 +87,41 @@ fn naming(dir: &Path) -> Vec<i32> {
     scan("cmdline", |c| c.windows(needle.len()).any(|w| w == needle))
 }
 
+/// `ssh -M` processes with a control socket in `dir`, and the socket each names: masters (an ssh
+/// master keeps its command line when it goes to the background) and ssh being started as one.
+pub fn ssh_masters(dir: &Path) -> Vec<(i32, std::path::PathBuf)> {
+    let option = format!("ControlPath={}/", dir.display());
+    let mut found = Vec::new();
+    let me = std::process::id() as i32;
+    for pid in pids().into_iter().filter(|&p| p != me) {
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !cmdline.starts_with(b"ssh\0-M\0") {
+            continue;
+        }
+        let socket = cmdline.split(|b| *b == 0).find_map(|arg| {
+            arg.strip_prefix(b"ControlPath=")
+                .filter(|_| arg.starts_with(option.as_bytes()))
+        });
+        if let Some(socket) = socket {
+            use std::os::unix::ffi::OsStrExt;
+            found.push((pid, std::ffi::OsStr::from_bytes(socket).into()));
+        }
+    }
+    found
+}
+
+/// Sends SIGKILL to each of `pids` and reaps those that were this process's children.
+pub fn kill_now(pids: &[i32]) {
+    for pid in pids {
+        // Gone already (ESRCH) is what a kill is for.
+        kill(Pid::from_raw(*pid), Signal::SIGKILL).ok();
+    }
+    sleep(Duration::from_millis(20));
+    reap(pids);
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     // The marker is a whole variable: it starts the block or follows a NUL.
     haystack.starts_with(needle)

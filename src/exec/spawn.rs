@@ -416,6 +416,18 @@ impl Child {
         self.pid
     }
 
+    /// Sends SIGKILL (the pid is still this child's: it is not reaped before `wait`).
+    pub fn kill(&self) -> io::Result<()> {
+        if self.reaped {
+            return Err(io::Error::other("the child was reaped already"));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(io::Error::from)
+    }
+
     /// Waits until the child exits (without a thread: its pidfd becomes readable) and reaps it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         let pid = self.pid;

@@ -31,13 +31,14 @@ impl TaskActor {
         let prepare = async move {
             // Warm connections first: the agent's masters, outside this task's cgroup.
             // Gone (shutting down): the task connects directly, as without a master.
-            connections
+            let masters = connections
                 .send(Acquire {
                     user: spec.remote_user.clone(),
                     hosts: spec.nodes.clone(),
+                    forks: spec.forks,
                 })
                 .await
-                .ok();
+                .unwrap_or_default();
             // The run directory, the cgroup and the fork and exec all on the blocking pool: a
             // spawn waits for the child's exec, which must not hold up the actors' thread.
             tokio::task::spawn_blocking(move || {
@@ -46,6 +47,7 @@ impl TaskActor {
                     remote_user: &spec.remote_user,
                     content: &spec.content,
                     params: &spec.params,
+                    masters: &masters,
                 };
                 let prepared = command::run_as(&settings).and_then(|run_as| {
                     let owner = run_as.as_ref().map(RunAs::owner);

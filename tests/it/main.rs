@@ -7,6 +7,7 @@ mod auth;
 mod chaos;
 mod cli;
 mod cluster;
+mod connections;
 mod contract;
 mod disk;
 mod execution;

@@ -1,0 +1,151 @@
+//! Warm SSH connections, seen from outside: which `ssh` masters run on this machine (process
+//! snapshots: a master names its control socket in its command line) while and after tasks run.
+//! The agent keeps masters in `<run root>/.cp`; a task's own ssh keeps its own in `<run dir>/cp`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{
+    run_body, test_settings, wait_until, Backend, BinServer, TempDir, TestServer, HOSTS,
+};
+use crate::procwatch;
+
+/// The hosts of the agent's masters running now: an `ssh -M` naming a socket under `dir` ends
+/// its command line with the host.
+fn agent_master_hosts(dir: &Path) -> Vec<String> {
+    let option = format!("ControlPath={}/", dir.display());
+    procwatch::snapshot()
+        .into_iter()
+        .filter(|p| p.cmdline.starts_with("ssh -M ") && p.cmdline.contains(&option))
+        .filter_map(|p| p.cmdline.split_whitespace().last().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest() {
+    let server = TestServer::start(Backend::Sqlite);
+    let agent_cp = server.run_dir(0).parent().unwrap().join(".cp");
+    // One fork: ansible reaches the three nodes one after the other.
+    let mut body = run_body("one-fork", &HOSTS, "- command: sleep 1\n- ping:\n");
+    body["fork_num"] = json!(1);
+    let id = server.run(body);
+    let task_cp = server.run_dir(id).join("cp");
+    let (mut agent_peak, mut own) = (0, HashSet::new());
+    while server.task(id).status <= 2 {
+        agent_peak = agent_peak.max(agent_master_hosts(&agent_cp).len());
+        own.extend(procwatch::masters_under(&task_cp).into_keys());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.task(id).status, 4);
+    server.assert_hosts_match_recap(id);
+    assert_eq!(
+        agent_master_hosts(&agent_cp),
+        [HOSTS[0]],
+        "the agent warms the first node only"
+    );
+    assert_eq!(agent_peak, 1);
+    assert_eq!(
+        own.len(),
+        2,
+        "the task's ssh keeps a master of its own for each of the other two nodes: {own:?}"
+    );
+    assert!(
+        procwatch::masters_under(&task_cp).is_empty(),
+        "the task's own masters end with it: {:?}",
+        procwatch::masters_under(&task_cp)
+    );
+}
+
+#[test]
+fn the_agent_keeps_at_most_max_ssh_masters_least_recently_used_stopped_first() {
+    let server = TestServer::start_with(Backend::Sqlite, |s| s.max_ssh_masters = 2);
+    let agent_cp = server.run_dir(0).parent().unwrap().join(".cp");
+    for (i, host) in HOSTS.iter().enumerate() {
+        let id = server.run(run_body(&format!("on-{i}"), &[host], "- ping:\n"));
+        assert_eq!(server.wait_end(id, 60).status, 4);
+    }
+    wait_until("the least recently used master stops", 20, || {
+        agent_master_hosts(&agent_cp).len() == 2
+    });
+    let mut hosts = agent_master_hosts(&agent_cp);
+    hosts.sort();
+    assert_eq!(hosts, [HOSTS[1], HOSTS[2]]);
+    // A task on the first node again: its master comes back, and the oldest of the others goes.
+    let id = server.run(run_body("again", &[HOSTS[0]], "- ping:\n"));
+    assert_eq!(server.wait_end(id, 60).status, 4);
+    wait_until("two masters again", 20, || {
+        let mut hosts = agent_master_hosts(&agent_cp);
+        hosts.sort();
+        hosts == [HOSTS[0], HOSTS[2]]
+    });
+}
+
+/// `ssh -M -N` with its control socket at `socket`, as the agent starts a master.
+fn master(settings: &downlink::settings::Settings, socket: &Path, host: &str) -> Child {
+    Command::new("ssh")
+        .args([
+            "-M",
+            "-N",
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            "ControlPersist=60",
+        ])
+        .arg("-o")
+        .arg(format!("ControlPath={}", socket.display()))
+        .args(["-o", "BatchMode=yes", "-p"])
+        .arg(settings.ssh_port.to_string())
+        .arg("-i")
+        .arg(&settings.ssh_private_key)
+        .args(settings.ssh_common_args.split_whitespace())
+        .args(["-l", "root", "--", host])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh")
+}
+
+#[test]
+fn masters_a_dead_agent_left_half_started_are_killed_and_live_ones_kept() {
+    let dir = TempDir::new();
+    let settings = test_settings(&dir.0);
+    let cp = settings.run_dir.join(&settings.agent_name).join(".cp");
+    std::fs::create_dir_all(&cp).unwrap();
+    // A master whose socket was taken (as when two start at once) stays a plain connection
+    // for good: ssh says "already exists, disabling multiplexing" and goes on.
+    let taken = cp.join("0000000000");
+    std::fs::write(&taken, b"").unwrap();
+    let mut stuck = master(&settings, &taken, HOSTS[0]);
+    // A master that came up, as a dead agent leaves it: it serves on.
+    let live = cp.join("1111111111");
+    let mut up = master(&settings, &live, HOSTS[1]);
+    wait_until("the live master is up", 30, || {
+        up.try_wait().expect("wait").is_some() && live.exists()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        stuck.try_wait().expect("wait").is_none(),
+        "the stuck ssh runs"
+    );
+    let server = BinServer::start(&settings, &dir.0);
+    wait_until("the stuck ssh is killed", 20, || {
+        stuck.try_wait().expect("wait").is_some()
+    });
+    let check = |op: &str| {
+        Command::new("ssh")
+            .args(["-O", op, "-o"])
+            .arg(format!("ControlPath={}", live.display()))
+            .arg(HOSTS[1])
+            .stderr(Stdio::null())
+            .status()
+            .expect("ssh -O")
+            .success()
+    };
+    assert!(check("check"), "the live master still answers");
+    drop(server);
+    assert!(check("exit"));
+}
