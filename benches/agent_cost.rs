@@ -13,6 +13,9 @@
 //!   [≥ 0.5].
 //! - P6: events stored per second from 200 stand-ins that each write 2,500 events at once
 //!   [≥ 50,000 on PostgreSQL, ≥ 20,000 on SQLite].
+//! - W5000: one task of 5,000 distinct nodes × 10 events each: the server's RSS growth, the
+//!   stand-in's exit → the row's final status [≤ 1 s], `/api/check` of that task, its `log`
+//!   holding 5,000 hosts [p99 ≤ 100 ms].
 //! - R7: 100,000 short tasks in a row, 8 callers of `/api/parallel_run` at a time: the server's
 //!   RSS, open descriptors and threads over the last 10 % against the first 10 % [within 5 %].
 //!
@@ -65,28 +68,55 @@ fn standin() -> ! {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let events = spec["standin_events"].as_u64().unwrap_or(1);
-    if let Ok(path) = std::env::var("DOWNLINK_EVENTS_FILE") {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("events file");
-        let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+    let sleep = Duration::from_secs_f64(spec["standin_sleep"].as_f64().unwrap_or(0.0));
+    // Every node of the inventory (downlink writes it as JSON, which is YAML), or the one node.
+    let hosts: Vec<String> = if spec["standin_every_host"] == true {
+        std::fs::read("inventory.yml")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|inv| {
+                inv["all"]["hosts"]
+                    .as_object()
+                    .map(|h| h.keys().cloned().collect())
+            })
+            .expect("an inventory of JSON")
+    } else {
+        vec![NODE.to_owned()]
+    };
+    let Ok(path) = std::env::var("DOWNLINK_EVENTS_FILE") else {
+        std::thread::sleep(sleep);
+        std::process::exit(0)
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("events file");
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+    for host in &hosts {
         for i in 0..events {
             let _ = writeln!(
                 out,
-                r#"{{"event":"runner_ok","time":"2026-12-01T10:00:00.000000Z","host":"{NODE}","task":"step {i}","changed":false}}"#
+                r#"{{"event":"runner_ok","time":"2026-12-01T10:00:00.000000Z","host":"{host}","task":"step {i}","changed":false}}"#
             );
         }
-        let _ = writeln!(
-            out,
-            r#"{{"event":"stats","hosts":{{"{NODE}":{{"ok":{events},"changed":0,"failed":0,"unreachable":0,"skipped":0,"rescued":0,"ignored":0}}}}}}"#
-        );
-        let _ = out.flush();
     }
-    std::thread::sleep(Duration::from_secs_f64(
-        spec["standin_sleep"].as_f64().unwrap_or(0.0),
-    ));
+    let _ = out.flush();
+    std::thread::sleep(sleep);
+    let counters = format!(
+        r#"{{"ok":{events},"changed":0,"failed":0,"unreachable":0,"skipped":0,"rescued":0,"ignored":0}}"#
+    );
+    let stats: Vec<String> = hosts
+        .iter()
+        .map(|h| format!(r#""{h}":{counters}"#))
+        .collect();
+    let _ = writeln!(
+        out,
+        r#"{{"event":"stats","hosts":{{{}}}}}"#,
+        stats.join(",")
+    );
+    let _ = out.flush();
+    let _ = std::fs::write("standin-exited", unix_ns().to_string());
     std::process::exit(0)
 }
 
@@ -639,6 +669,111 @@ fn p6(b: &Bench, db: Db, tasks: usize, events: usize) {
     );
 }
 
+/// W5000: one task of `nodes` distinct nodes whose stand-in writes `per_host` events for each, then
+/// the stats of every node, and exits. The server's RSS growth (sampled from `/proc` against the
+/// idle server), the time from the stand-in's exit (its own clock, written just before it exits)
+/// to the row's final status read by `psql`, and `/api/check` of that task while it runs and
+/// after (its `log` holds every node).
+fn w5000(b: &Bench, nodes: usize, per_host: usize) {
+    let s = b.server(
+        "w5000",
+        Db::Postgres,
+        &[("max_events_per_task", (nodes * per_host + 10).to_string())],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (idle_kib, _, _) = s.footprint();
+    let all: Vec<String> = (0..nodes)
+        .map(|i| format!("127.2.{}.{}", i / 250, i % 250 + 1))
+        .collect();
+    let agent = client();
+    let body = json!({"nodes": all, "user": "root", "name": "w5000", "tasks": PLAYBOOK,
+        "params": {"standin_events": per_host, "standin_every_host": true, "standin_sleep": 3},
+        "fork_num": 50});
+    let text = s.server.post(&agent, "/api/run", &body);
+    let answer: Value = serde_json::from_str(&text).expect("JSON answer");
+    let id = answer["content"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("run w5000: {text}"));
+    let check_body = json!({"id": id, "name": "w5000"});
+    let ended = std::sync::atomic::AtomicBool::new(false);
+    let (peak_kib, (ms, hosts)) = std::thread::scope(|scope| {
+        let memory = scope.spawn(|| {
+            let mut peak = 0;
+            while !ended.load(Ordering::SeqCst) {
+                peak = peak.max(s.footprint().0);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        let prober = scope.spawn(|| {
+            let agent = client();
+            let (mut ms, mut after, mut hosts) = (Vec::new(), 0, 0);
+            // While it runs, then 200 more once it has ended.
+            while after < 200 {
+                let t = Instant::now();
+                let text = s.server.post(&agent, "/api/check", &check_body);
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+                if ended.load(Ordering::SeqCst) {
+                    after += 1;
+                    let v: Value = serde_json::from_str(&text).expect("check answers JSON");
+                    hosts = v["content"]["log"]
+                        .as_str()
+                        .and_then(|l| serde_json::from_str::<Vec<Value>>(l).ok())
+                        .map_or(0, |l| l.len());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ms, hosts)
+        });
+        let exited_file = s.run_dir.join(id.to_string()).join("standin-exited");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let exited: u128 = loop {
+            if let Some(at) = std::fs::read_to_string(&exited_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break at;
+            }
+            assert!(Instant::now() < deadline, "the stand-in did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        while s.count(&format!("SELECT status FROM tasks WHERE id = {id}")) < 3 {
+            assert!(Instant::now() < deadline, "task {id} did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let final_ms = unix_ns().saturating_sub(exited) as f64 / 1e6;
+        ended.store(true, Ordering::SeqCst);
+        let peak = memory.join().expect("memory sampler");
+        let (ms, hosts) = prober.join().expect("prober");
+        (peak, (ms, (hosts, final_ms)))
+    });
+    let (hosts, final_ms) = hosts;
+    assert_eq!(
+        s.count(&format!("SELECT status FROM tasks WHERE id = {id}")),
+        4
+    );
+    let ok_rows = s.count(&format!(
+        "SELECT count(*) FROM task_hosts WHERE task_id = {id} AND ok = {per_host}"
+    ));
+    assert_eq!(
+        (ok_rows as usize, hosts),
+        (nodes, nodes),
+        "every node's result"
+    );
+    let mut sorted = ms;
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "W{nodes} rss_growth={:.1}MB exit_to_final_row={final_ms:.0}ms check_p99={:.1}ms ({nodes} nodes x {per_host} events, stand-in, PostgreSQL: RSS {:.1} MB idle, {:.1} MB at the peak; /api/check of that task p50 {:.1} ms, max {:.1} ms over {} requests, its log holding {hosts} hosts; targets exit_to_final_row <= 1000 ms, check p99 <= 100 ms)",
+        peak_kib.saturating_sub(idle_kib) as f64 / 1024.0,
+        percentile(&sorted, 0.99),
+        idle_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0,
+        percentile(&sorted, 0.5),
+        sorted.last().copied().unwrap_or(f64::NAN),
+        sorted.len(),
+    );
+}
+
 /// R7: `n` short tasks through `/api/parallel_run`, 8 at a time; footprint drift.
 fn r7(b: &Bench, n: usize) {
     let s = b.server("r7", Db::Postgres, &[]);
@@ -692,8 +827,12 @@ fn main() {
     let picked: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| a.starts_with('P') || a.starts_with('R'))
+        .filter(|a| a.starts_with('P') || a.starts_with('R') || a.starts_with('W'))
         .collect();
+    const FIGURES: [&str; 6] = ["P3", "P4", "P5", "P6", "W5000", "R7"];
+    if let Some(unknown) = picked.iter().find(|a| !FIGURES.contains(a)) {
+        panic!("unknown figure {unknown}: one of {FIGURES:?}");
+    }
     let wanted = |f: &str| picked.is_empty() || picked.contains(&f);
     let b = Bench::new();
     let scale: HashMap<&str, usize> = if quick {
@@ -705,6 +844,7 @@ fn main() {
             ("p6t", 20),
             ("p6e", 200),
             ("r7", 300),
+            ("w", 300),
         ]
     } else {
         [
@@ -715,6 +855,7 @@ fn main() {
             ("p6t", 200),
             ("p6e", 2500),
             ("r7", 100_000),
+            ("w", 5000),
         ]
     }
     .into_iter()
@@ -731,6 +872,9 @@ fn main() {
     if wanted("P6") {
         p6(&b, Db::Postgres, scale["p6t"], scale["p6e"]);
         p6(&b, Db::Sqlite, scale["p6t"], scale["p6e"]);
+    }
+    if wanted("W5000") {
+        w5000(&b, scale["w"], 10);
     }
     if wanted("R7") {
         // DLBENCH_R7_TASKS: another count, for a shorter look at the trend.

@@ -19,7 +19,7 @@
 //!
 //! `scripts/bench` runs it (it starts the SSH test hosts and installs ansible-core first);
 //! `scripts/bench --quick` runs 4 and 2 playbooks instead of 20 and 10, and 30 wide nodes; names
-//! such as `P1 W300` pick figures.
+//! such as `P1 W300` pick figures (any `W<n>` runs a wide task of n nodes).
 
 mod common;
 #[path = "vs_by_hand/wide.rs"]
@@ -147,6 +147,17 @@ fn main() {
         .map(String::as_str)
         .filter(|a| !a.starts_with('-'))
         .collect();
+    // P1, P2, and W<n> for a wide task of n nodes (W300 and W1000 by default).
+    let wide: Vec<usize> = picked
+        .iter()
+        .filter_map(
+            |a| match (*a, a.strip_prefix('W').map(str::parse::<usize>)) {
+                ("P1" | "P2", _) => None,
+                (_, Some(Ok(n))) if n > 0 => Some(n),
+                _ => panic!("unknown figure {a}: P1, P2 or W<nodes> such as W300"),
+            },
+        )
+        .collect();
     let wants = |name: &str| picked.is_empty() || picked.contains(&name);
     let (p1_runs, p2_runs) = if quick { (4, 2) } else { (20, 10) };
     let dir = std::env::temp_dir().join(format!("dl-bench-{}", std::process::id()));
@@ -167,11 +178,13 @@ fn main() {
     if wants("P2") {
         p2(&s, &three, p2_runs);
     }
-    if wants("W300") {
-        wide::figure(&s, &env("DLTEST_WIDE_PORT"), if quick { 30 } else { 300 });
-    }
-    if wants("W1000") && !quick {
-        wide::figure(&s, &env("DLTEST_WIDE_PORT"), 1000);
+    let wide = match (picked.is_empty(), quick) {
+        (true, true) => vec![30],
+        (true, false) => vec![300, 1000],
+        (false, _) => wide,
+    };
+    for n in wide {
+        wide::figure(&s, &env("DLTEST_WIDE_PORT"), n);
     }
     remove_cgroups(&bench_cg);
     let _ = std::fs::remove_dir_all(&dir);

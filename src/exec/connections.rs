@@ -25,8 +25,9 @@
 //!
 //! The actor runs on a thread of its own (see `server::run`), never the task actors' thread, and
 //! starts masters through [`crate::exec::spawn`] (no copy of the server), at most `max_forks` at
-//! once: the rest wait their turn, and a task whose masters are not up within `WARM_WAIT` (1.5 s)
-//! starts anyway. A master that has not come up within `START_LIMIT` is killed (an ssh that found
+//! once: the rest wait their turn. A task waits until the masters started for it are up or have
+//! failed — the handshakes it would otherwise make itself, at the same moment — and at most
+//! `WARM_WAIT` (ssh's `ConnectTimeout`), then starts anyway. A master that has not come up within `START_LIMIT` is killed (an ssh that found
 //! its socket taken would otherwise live on as a plain connection); starters left by an agent
 //! that died are killed when the actor starts.
 
@@ -34,6 +35,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -44,8 +46,8 @@ use crate::exec::command::RunAs;
 use crate::exec::spawn::{Child, Spawn};
 use crate::settings::Settings;
 
-/// How long a task waits for masters started for it before it starts anyway.
-const WARM_WAIT: Duration = Duration::from_millis(1500);
+/// How long a task waits for masters started for it before it starts anyway (`ConnectTimeout`).
+const WARM_WAIT: Duration = Duration::from_secs(10);
 /// How often idle and dead masters are looked for.
 const SWEEP: Duration = Duration::from_millis(500);
 /// How often masters being started are looked at (cheap when none is).
@@ -82,7 +84,7 @@ struct Master {
 
 /// The connections actor.
 pub struct Connections {
-    settings: std::sync::Arc<Settings>,
+    settings: Arc<Settings>,
     dir: PathBuf,
     run_as: Option<RunAs>,
     log: Logger,
@@ -94,12 +96,16 @@ pub struct Connections {
     up: HashMap<Key, Master>,
     /// Masters asked to stop, by pid, until they have ended and been reaped.
     stopping: Vec<i32>,
+    /// Sockets of masters that could not be started, since their last start: tasks waiting for
+    /// them stop waiting.
+    /// Kept for `WARM_WAIT`, as long as a task may wait.
+    failed: Arc<Mutex<HashMap<PathBuf, Instant>>>,
 }
 
 impl Connections {
     /// Masters with their sockets in `dir` (created 0700, owned by `run_as` when set).
     pub fn new(
-        settings: std::sync::Arc<Settings>,
+        settings: Arc<Settings>,
         dir: PathBuf,
         run_as: Option<RunAs>,
         log: Logger,
@@ -114,6 +120,7 @@ impl Connections {
             waiting_keys: HashSet::new(),
             up: HashMap::new(),
             stopping: Vec::new(),
+            failed: Arc::default(),
         }
     }
 
@@ -202,6 +209,7 @@ impl Connections {
         match self.master_command(&key, &socket).spawn() {
             Ok(child) => {
                 debug!(self.log, "starting an ssh master"; "host" => &key.1, "user" => &key.0);
+                self.failed_now(&socket, false);
                 self.starting.insert(
                     key,
                     Starting {
@@ -214,8 +222,19 @@ impl Connections {
             }
             Err(e) => {
                 warn!(self.log, "cannot start an ssh master"; "host" => &key.1, "error" => %e);
+                self.failed_now(&socket, true);
                 false
             }
+        }
+    }
+
+    /// Notes that the master at `socket` failed (tasks waiting for it go on), or is being started.
+    fn failed_now(&self, socket: &Path, failed: bool) {
+        let mut set = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed {
+            set.insert(socket.to_owned(), Instant::now());
+        } else {
+            set.remove(socket);
         }
     }
 
@@ -328,6 +347,7 @@ impl Connections {
         }
         let log = self.log.clone();
         let mut came_up = Vec::new();
+        let mut failed = Vec::new();
         self.starting.retain(|key, st| match st.child.try_wait() {
             Ok(None) if st.since.elapsed() < START_LIMIT => true,
             Ok(None) => {
@@ -338,6 +358,7 @@ impl Connections {
                 if let Err(e) = st.child.kill() {
                     warn!(log, "cannot kill an ssh master being started"; "host" => &key.1, "error" => %e);
                 }
+                failed.push(st.socket.clone());
                 false
             }
             Ok(Some(status)) => {
@@ -346,14 +367,19 @@ impl Connections {
                 } else {
                     info!(log, "an ssh master could not be started (its tasks connect directly)";
                           "host" => &key.1, "status" => %status);
+                    failed.push(st.socket.clone());
                 }
                 false
             }
             Err(e) => {
                 warn!(log, "lost track of an ssh master being started"; "host" => &key.1, "error" => %e);
+                failed.push(st.socket.clone());
                 false
             }
         });
+        for socket in failed {
+            self.failed_now(&socket, true);
+        }
         for (key, socket) in came_up {
             let pid = self.master_pid(&socket, &key.1);
             let used = Instant::now();
@@ -395,6 +421,10 @@ impl Connections {
             }
             false
         });
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, at| at.elapsed() < WARM_WAIT);
         if !self.stopping.is_empty() {
             crate::exec::procs::reap(&self.stopping);
             self.stopping
@@ -452,9 +482,17 @@ impl Handler<Acquire> for Connections {
             .collect();
         let first = (msg.forks.max(1) as usize).min(self.settings.max_ssh_masters);
         let (wait, links) = self.take(&all[..first.min(all.len())], &all);
+        let failed = self.failed.clone();
         Box::pin(async move {
             let deadline = Instant::now() + WARM_WAIT;
-            while Instant::now() < deadline && wait.iter().any(|s| !s.exists()) {
+            let pending = |s: &PathBuf| {
+                !s.exists()
+                    && !failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(s)
+            };
+            while Instant::now() < deadline && wait.iter().any(pending) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             links

@@ -112,6 +112,42 @@ pub fn ssh_masters(dir: &Path) -> Vec<(i32, std::path::PathBuf)> {
     found
 }
 
+/// Reaps this process's zombie children that it did not spawn: processes of tasks whose parents
+/// died, re-parented to this subreaper (an ssh that goes to the background as a ControlPersist
+/// master leaves one per connection). Children in this process's own session (`tokio::process`'s)
+/// and those `exec::spawn` started are left to whoever waits for them. The number reaped.
+pub fn reap_orphans() -> usize {
+    let me = std::process::id() as i32;
+    let Some(mine) = stat(me) else {
+        return 0;
+    };
+    let Ok(threads) = fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let children: Vec<i32> = threads
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    super::spawn::with_own_children(|own| {
+        let mut reaped = 0;
+        for pid in children {
+            let orphan = !own.contains(&pid)
+                && stat(pid).is_some_and(|s| s.state == 'Z' && s.session != mine.session);
+            if orphan
+                && matches!(waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)), Ok(s) if s != WaitStatus::StillAlive)
+            {
+                reaped += 1;
+            }
+        }
+        reaped
+    })
+}
+
 /// Sends SIGKILL to each of `pids` and reaps those that were this process's children.
 pub fn kill_now(pids: &[i32]) {
     for pid in pids {

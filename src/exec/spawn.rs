@@ -18,7 +18,7 @@
 //! server holds open (a socket between its `socket()` and its `fcntl(FD_CLOEXEC)`) reaches a
 //! playbook running as `run_as_user`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -27,6 +27,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Mutex;
 
 use nix::libc;
 
@@ -232,6 +233,8 @@ impl Spawn {
             step: 0,
         };
         let mut stack = vec![0u8; CHILD_STACK];
+        // Held until the child is known as ours: `procs::reap_orphans` never takes it meanwhile.
+        let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the child shares this memory and runs `child_main` on `stack`, reading `args`
         // and the CStrings it points to, all alive until `clone` returns: with CLONE_VFORK this
         // thread resumes only once the child has exec'd or exited. Signals are blocked meanwhile
@@ -256,6 +259,8 @@ impl Spawn {
             }
             pid
         };
+        own.insert(pid);
+        drop(own);
         drop(stack);
         // SAFETY: read after the child is done with `args` (see above).
         let (err, step) = unsafe {
@@ -381,6 +386,15 @@ fn resolve(program: &OsStr, path: Option<&OsStr>) -> io::Result<PathBuf> {
 
 /// Waits for `pid` (our child) and returns its raw wait status. A child that is no longer ours
 /// to wait for (ECHILD: reaped elsewhere) is an error, never a status: its exit is unknown.
+/// The children spawned here and not yet reaped: their statuses are their `Child`'s to collect.
+static OWN: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Runs `f` with the set of this process's spawned, not yet reaped children, while no spawn can
+/// add one.
+pub fn with_own_children<T>(f: impl FnOnce(&BTreeSet<i32>) -> T) -> T {
+    f(&OWN.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 fn reap(pid: i32) -> io::Result<i32> {
     wait_pid(pid, 0).map(|status| status.unwrap_or(0))
 }
@@ -393,6 +407,7 @@ fn wait_pid(pid: i32, flags: libc::c_int) -> io::Result<Option<i32>> {
         // SAFETY: waitpid on our own child.
         let r = unsafe { libc::waitpid(pid, &mut status, flags) };
         if r > 0 {
+            OWN.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
             return Ok(Some(status));
         }
         if r == 0 {

@@ -66,7 +66,22 @@ pub fn prepare(settings: Settings, log: &Logger) -> anyhow::Result<Prepared> {
     let applied = db::migrate(&mut conn)?;
     info!(log, "database ready"; "database" => target.describe(), "migrations_applied" => applied.len());
     let identity = register(&mut conn, &settings, log)?;
-    if !procs::become_subreaper() {
+    if procs::become_subreaper() {
+        // Orphans of tasks become this process's children: reaped within a second of ending.
+        // One reaper per process (tests start many servers in one).
+        static REAPER: std::sync::Once = std::sync::Once::new();
+        let mut started = Ok(());
+        REAPER.call_once(|| {
+            started = std::thread::Builder::new()
+                .name("orphans".into())
+                .spawn(|| loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    procs::reap_orphans();
+                })
+                .map(drop);
+        });
+        started.context("starting the orphan reaper")?;
+    } else {
         warn!(
             log,
             "cannot become a child subreaper: killed task processes are left to init to reap"

@@ -2,10 +2,10 @@
 //! snapshots: a master names its control socket in its command line) while and after tasks run.
 //! The agent keeps masters in `<run root>/.cp`; a task's own ssh keeps its own in `<run dir>/cp`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -29,17 +29,32 @@ fn agent_master_hosts(dir: &Path) -> Vec<String> {
 fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest() {
     let server = TestServer::start(Backend::Sqlite);
     let agent_cp = server.run_dir(0).parent().unwrap().join(".cp");
-    // One fork: ansible reaches the three nodes one after the other.
-    let mut body = run_body("one-fork", &HOSTS, "- command: sleep 1\n- ping:\n");
+    // One fork: ansible reaches the three nodes one after the other, three times.
+    let playbook = "- command: sleep 1\n- ping:\n- command: sleep 1\n";
+    let mut body = run_body("one-fork", &HOSTS, playbook);
     body["fork_num"] = json!(1);
     let id = server.run(body);
     let task_cp = server.run_dir(id).join("cp");
     let (mut agent_peak, mut own) = (0, HashSet::new());
+    // Zombies left to this process (the server's subreaper) by the task's ssh as it goes to
+    // the background, and when each was first seen.
+    let mut zombies = HashMap::new();
+    let mut oldest = Duration::ZERO;
     while server.task(id).status <= 2 {
         agent_peak = agent_peak.max(agent_master_hosts(&agent_cp).len());
         own.extend(procwatch::masters_under(&task_cp).into_keys());
+        let now: Vec<_> = procwatch::zombies_of(std::process::id() as i32);
+        zombies.retain(|z, _| now.contains(z));
+        for z in now {
+            let seen = zombies.entry(z).or_insert_with(Instant::now);
+            oldest = oldest.max(seen.elapsed());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(
+        oldest < Duration::from_secs(3),
+        "a zombie of the task lived {oldest:?}"
+    );
     assert_eq!(server.task(id).status, 4);
     server.assert_hosts_match_recap(id);
     assert_eq!(

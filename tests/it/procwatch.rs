@@ -56,6 +56,37 @@ pub fn snapshot_with_cwd() -> Vec<(Proc, Option<std::path::PathBuf>)> {
     all()
 }
 
+/// Zombie children of `ppid` outside its session: (pid, start time). Processes a server spawns
+/// lead sessions of their own, and so do the orphans of tasks re-parented to it.
+pub fn zombies_of(ppid: i32) -> Vec<(i32, u64)> {
+    let session = |stat: &str| -> Option<(char, i32, i32, u64)> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((
+            f.first()?.chars().next()?,
+            f.get(1)?.parse().ok()?,
+            f.get(3)?.parse().ok()?,
+            f.get(19)?.parse().ok()?,
+        ))
+    };
+    let own = std::fs::read_to_string(format!("/proc/{ppid}/stat"))
+        .ok()
+        .and_then(|s| session(&s))
+        .map(|(_, _, sid, _)| sid);
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|pid| {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    let (state, parent, sid, start) = session(&stat)?;
+                    (state == 'Z' && parent == ppid && Some(sid) != own).then_some((pid, start))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Every live process of the machine.
 pub fn snapshot() -> Vec<Proc> {
     all().into_iter().map(|(p, _)| p).collect()
