@@ -253,17 +253,10 @@ macro_rules! host_columns {
     };
 }
 
-/// `store::task_with_hosts`'s statement, in the columns of `TaskSummary` and `HostRow`.
-const TASK_WITH_HOSTS: &str = concat!(
-    "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, t.updated_at, t.started_at, \
-     t.ended_at, t.agent, ",
-    host_columns!(),
-    " FROM tasks t LEFT JOIN task_hosts h ON h.task_id = t.id \
-     WHERE t.id = $1 AND t.name = $2 ORDER BY h.id"
-);
-
-/// Where `host_columns!` start in [`TASK_WITH_HOSTS`]'s rows.
-const HOSTS_AT: usize = 10;
+/// `store::task_with_hosts`'s first statement, in the columns of `TaskSummary` (its hosts are
+/// [`TASK_HOSTS`]: a join would repeat `nodes` on every host's row).
+const TASK_SUMMARY: &str = "SELECT t.id, t.name, t.nodes, t.status, t.err, t.created_at, \
+     t.updated_at, t.started_at, t.ended_at, t.agent FROM tasks t WHERE t.id = $1 AND t.name = $2";
 
 /// `store::task_hosts`'s statement.
 const TASK_HOSTS: &str = concat!(
@@ -272,20 +265,23 @@ const TASK_HOSTS: &str = concat!(
     " FROM task_hosts h WHERE h.task_id = $1 ORDER BY h.id"
 );
 
-/// What `store::task_with_hosts` answers, read on a worker's own connection.
+/// What `store::task_with_hosts` answers, read on a worker's own connection: the task, then its
+/// hosts, pipelined on the connection in that order (the hosts are at least as recent).
 pub async fn task_with_hosts(
     conn: &ReadConn,
     id: i64,
     name: &str,
 ) -> Result<Option<(TaskSummary, Vec<HostRow>)>, StoreError> {
-    let statement = conn
-        .prepared(&conn.task_with_hosts, TASK_WITH_HOSTS)
-        .await?;
-    let rows = conn
-        .client
-        .query(&statement, &[&id, &name])
-        .await
-        .map_err(unavailable)?;
+    let statement = conn.prepared(&conn.task_with_hosts, TASK_SUMMARY).await?;
+    let (rows, hosts) = tokio::try_join!(
+        async {
+            conn.client
+                .query(&statement, &[&id, &name])
+                .await
+                .map_err(unavailable)
+        },
+        task_hosts(conn, id),
+    )?;
     let Some(first) = rows.first() else {
         return Ok(None);
     };
@@ -301,17 +297,6 @@ pub async fn task_with_hosts(
         ended_at: first.try_get(8).map_err(unavailable)?,
         agent: first.try_get(9).map_err(unavailable)?,
     };
-    let mut hosts = Vec::with_capacity(rows.len());
-    for row in &rows {
-        // A task without hosts yet: one row, NULL host columns.
-        if row
-            .try_get::<_, Option<i64>>(HOSTS_AT)
-            .map_err(unavailable)?
-            .is_some()
-        {
-            hosts.push(host_row(row, HOSTS_AT)?);
-        }
-    }
     Ok(Some((task, hosts)))
 }
 
