@@ -146,6 +146,8 @@ pub struct Settings {
     pub ssh_idle_secs: u64,
     /// Most SSH masters the agent keeps (least recently used closed first).
     pub max_ssh_masters: usize,
+    /// The nice value of every task's processes and of the agent's ssh masters (0..=19).
+    pub task_nice: u8,
     pub remote_cleanup_secs: u64,
     pub remote_cleanup_concurrency: usize,
     pub parallel_run_timeout_secs: u64,
@@ -264,6 +266,9 @@ impl Settings {
         }
         if self.max_ssh_masters == 0 {
             return bad("max_ssh_masters must be at least 1");
+        }
+        if self.task_nice > 19 {
+            return bad("task_nice must be 0 to 19");
         }
         if !is_agent_name(&self.agent_name) {
             return bad("agent_name must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names the agent's run directory");

@@ -131,5 +131,6 @@ pub fn command(
     if let Some(r) = run_as {
         cmd.run_as(r.uid.as_raw(), r.gid.as_raw());
     }
+    cmd.nice(settings.task_nice);
     Ok(cmd)
 }

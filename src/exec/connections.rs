@@ -141,7 +141,7 @@ impl Connections {
             cmd.run_as(r.uid.as_raw(), r.gid.as_raw())
                 .env("HOME", &r.home);
         }
-        cmd.current_dir("/");
+        cmd.current_dir("/").nice(self.settings.task_nice);
         cmd
     }
 

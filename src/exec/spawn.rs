@@ -45,6 +45,7 @@ pub struct Spawn {
     output: Option<File>,
     join: Vec<CString>,
     ids: Option<(u32, u32)>,
+    nice: libc::c_int,
 }
 
 /// A started child; [`Child::wait`] reaps it. One dropped before it was reaped (its waiter went
@@ -85,6 +86,7 @@ const STEP_STDIO: i32 = 4;
 const STEP_CWD: i32 = 5;
 const STEP_EXEC: i32 = 6;
 const STEP_FDS: i32 = 7;
+const STEP_NICE: i32 = 8;
 
 fn step_name(step: i32) -> Option<&'static str> {
     match step {
@@ -94,6 +96,7 @@ fn step_name(step: i32) -> Option<&'static str> {
         STEP_STDIO => Some("cannot redirect standard input and output"),
         STEP_CWD => Some("cannot enter the run directory"),
         STEP_FDS => Some("cannot close inherited descriptors"),
+        STEP_NICE => Some("cannot lower its priority"),
         _ => None,
     }
 }
@@ -112,6 +115,7 @@ struct ChildArgs {
     has_ids: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
+    nice: libc::c_int,
     err: libc::c_int,
     step: libc::c_int,
 }
@@ -126,6 +130,7 @@ impl Spawn {
             output: None,
             join: Vec::new(),
             ids: None,
+            nice: 0,
         }
     }
 
@@ -171,6 +176,12 @@ impl Spawn {
     /// The user and group the child becomes (after joining its cgroups, while still privileged).
     pub fn run_as(&mut self, uid: u32, gid: u32) -> &mut Spawn {
         self.ids = Some((uid, gid));
+        self
+    }
+
+    /// The child's nice value (0..=19: it runs at this lower priority, and so does what it starts).
+    pub fn nice(&mut self, nice: u8) -> &mut Spawn {
+        self.nice = libc::c_int::from(nice.min(19));
         self
     }
 
@@ -229,6 +240,7 @@ impl Spawn {
             has_ids: self.ids.is_some(),
             uid,
             gid,
+            nice: self.nice,
             err: 0,
             step: 0,
         };
@@ -331,6 +343,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(a, STEP_CGROUP);
             }
             libc::close(fd);
+        }
+        // Raising one's own nice value needs no privilege.
+        if a.nice > 0 && libc::setpriority(libc::PRIO_PROCESS, 0, a.nice) < 0 {
+            fail(a, STEP_NICE);
         }
         if a.has_ids {
             let groups = [a.gid];

@@ -40,7 +40,20 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
     // the background, and when each was first seen.
     let mut zombies = HashMap::new();
     let mut oldest = Duration::ZERO;
+    // The task's processes, and the agent's masters, run below the server's priority.
+    let mut niced = HashMap::new();
     while server.task(id).status <= 2 {
+        let task_procs = procwatch::of_task(&server.run_dir(id));
+        let masters = procwatch::snapshot().into_iter().filter(|p| {
+            p.cmdline.starts_with("ssh -M ")
+                && p.cmdline
+                    .contains(&format!("ControlPath={}/", agent_cp.display()))
+        });
+        for p in task_procs.into_iter().chain(masters) {
+            if let Some(n) = procwatch::nice_of(p.pid) {
+                niced.insert((p.pid, p.start), (n, p.cmdline));
+            }
+        }
         agent_peak = agent_peak.max(agent_master_hosts(&agent_cp).len());
         own.extend(procwatch::masters_under(&task_cp).into_keys());
         let now: Vec<_> = procwatch::zombies_of(std::process::id() as i32);
@@ -55,6 +68,12 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
         oldest < Duration::from_secs(3),
         "a zombie of the task lived {oldest:?}"
     );
+    assert!(niced.len() >= 3, "{niced:?}");
+    assert!(
+        niced.values().all(|(n, _)| *n == 10),
+        "every process of the task at task_nice 10: {niced:?}"
+    );
+    assert_eq!(procwatch::nice_of(std::process::id() as i32), Some(0));
     assert_eq!(server.task(id).status, 4);
     server.assert_hosts_match_recap(id);
     assert_eq!(

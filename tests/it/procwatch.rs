@@ -87,6 +87,13 @@ pub fn zombies_of(ppid: i32) -> Vec<(i32, u64)> {
         .unwrap_or_default()
 }
 
+/// The nice value of a process (field 19 of `/proc/PID/stat`), if it is still there.
+pub fn nice_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(16)?.parse().ok()
+}
+
 /// Every live process of the machine.
 pub fn snapshot() -> Vec<Proc> {
     all().into_iter().map(|(p, _)| p).collect()
