@@ -27,9 +27,9 @@
 //! starts masters through [`crate::exec::spawn`] (no copy of the server), at most `max_forks` at
 //! once: the rest wait their turn. A task waits until the masters started for it are up or have
 //! failed — the handshakes it would otherwise make itself, at the same moment — and at most
-//! `WARM_WAIT` (ssh's `ConnectTimeout`), then starts anyway. A master that has not come up within `START_LIMIT` is killed (an ssh that found
-//! its socket taken would otherwise live on as a plain connection); starters left by an agent
-//! that died are killed when the actor starts.
+//! `WARM_WAIT` (ssh's `ConnectTimeout`), then starts anyway. A master that has not come up within
+//! `START_LIMIT` is killed (an ssh that found its socket taken would otherwise live on as a plain
+//! connection); starters left by an agent that died are killed when the actor starts.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
@@ -96,9 +96,8 @@ pub struct Connections {
     up: HashMap<Key, Master>,
     /// Masters asked to stop, by pid, until they have ended and been reaped.
     stopping: Vec<i32>,
-    /// Sockets of masters that could not be started, since their last start: tasks waiting for
-    /// them stop waiting.
-    /// Kept for `WARM_WAIT`, as long as a task may wait.
+    /// Sockets of masters that could not be started, since their last start, and when: tasks
+    /// waiting for them stop waiting. Kept for `WARM_WAIT`, as long as a task may wait.
     failed: Arc<Mutex<HashMap<PathBuf, Instant>>>,
 }
 
