@@ -559,11 +559,15 @@ mod tests {
     async fn no_descriptor_of_the_server_reaches_the_child() {
         let dir = std::env::temp_dir().join(format!("dl-spawn-fds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        // A descriptor without close-on-exec, as one is between socket() and fcntl().
-        let leaky = File::open("/dev/null").unwrap();
-        let raw = leaky.as_raw_fd();
-        // SAFETY: clears FD_CLOEXEC on our own descriptor.
-        assert_eq!(unsafe { libc::fcntl(raw, libc::F_SETFD, 0) }, 0);
+        // A descriptor without close-on-exec, as one is between socket() and fcntl(). Numbered
+        // 100 or above: a low one could be the number ls gets for its own directory (the test
+        // read fd 3 for 3 once, when the test process had few descriptors open).
+        let null = File::open("/dev/null").unwrap();
+        // SAFETY: F_DUPFD on our own descriptor gives a new one that we own (no close-on-exec).
+        let raw = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD, 100) };
+        assert!(raw >= 100);
+        // SAFETY: `raw` is a fresh descriptor of ours, owned from here on.
+        let leaky = unsafe { File::from_raw_fd(raw) };
         let out = dir.join("fds");
         let mut s = Spawn::new("/bin/ls");
         s.arg("/proc/self/fd").output(File::create(&out).unwrap());
