@@ -148,6 +148,8 @@ pub struct Settings {
     pub max_ssh_masters: usize,
     /// The nice value of every task's processes and of the agent's ssh masters (0..=19).
     pub task_nice: u8,
+    /// Each task's weight to the CPU scheduler (`cpu.weight`, 1..=10000) against the agent's 100.
+    pub task_cpu_weight: u16,
     pub remote_cleanup_secs: u64,
     pub remote_cleanup_concurrency: usize,
     pub parallel_run_timeout_secs: u64,
@@ -269,6 +271,9 @@ impl Settings {
         }
         if self.task_nice > 19 {
             return bad("task_nice must be 0 to 19");
+        }
+        if !(1..=10000).contains(&self.task_cpu_weight) {
+            return bad("task_cpu_weight must be 1 to 10000");
         }
         if !is_agent_name(&self.agent_name) {
             return bad("agent_name must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names the agent's run directory");

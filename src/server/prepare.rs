@@ -175,7 +175,11 @@ fn register(
 
 /// How task processes are tracked: cgroup v2 when it can be used, else the fallback and why.
 fn tracking(settings: &Settings, log: &Logger) -> Tracking {
-    let tracking = match Cgroups::detect(&settings.cgroup_parent, &settings.agent_name) {
+    let tracking = match Cgroups::detect(
+        &settings.cgroup_parent,
+        &settings.agent_name,
+        settings.task_cpu_weight,
+    ) {
         Ok(cgroups) => Tracking::Cgroup(cgroups),
         Err(why) => Tracking::Fallback(why),
     };

@@ -42,6 +42,8 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
     let mut oldest = Duration::ZERO;
     // The task's processes, and the agent's masters, run below the server's priority.
     let mut niced = HashMap::new();
+    // And each task weighs task_cpu_weight (10 of the agent's 100) to the scheduler, as a whole.
+    let mut weighed = HashMap::new();
     while server.task(id).status <= 2 {
         let task_procs = procwatch::of_task(&server.run_dir(id));
         let masters = procwatch::snapshot().into_iter().filter(|p| {
@@ -51,7 +53,14 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
         });
         for p in task_procs.into_iter().chain(masters) {
             if let Some(n) = procwatch::nice_of(p.pid) {
-                niced.insert((p.pid, p.start), (n, p.cmdline));
+                niced.insert((p.pid, p.start), (n, p.cmdline.clone()));
+            }
+        }
+        for p in procwatch::of_task(&server.run_dir(id)) {
+            let weight = procwatch::cpu_weight_of(p.pid);
+            // None for a process that ended between the two reads says nothing.
+            if weight.is_some() || Path::new(&format!("/proc/{}", p.pid)).exists() {
+                weighed.insert((p.pid, p.start), (weight, p.cmdline));
             }
         }
         agent_peak = agent_peak.max(agent_master_hosts(&agent_cp).len());
@@ -74,6 +83,13 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
         "every process of the task at task_nice 10: {niced:?}"
     );
     assert_eq!(procwatch::nice_of(std::process::id() as i32), Some(0));
+    assert!(weighed.len() >= 3, "{weighed:?}");
+    assert!(
+        weighed
+            .values()
+            .all(|(w, _)| matches!(w, Some(("cpu.weight", 10)) | Some(("cpu.shares", 102)))),
+        "every process of the task in a cgroup of cpu weight 10 (v1 shares 102): {weighed:?}"
+    );
     assert_eq!(server.task(id).status, 4);
     server.assert_hosts_match_recap(id);
     assert_eq!(

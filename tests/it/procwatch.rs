@@ -94,6 +94,29 @@ pub fn nice_of(pid: i32) -> Option<i32> {
     rest.split_whitespace().nth(16)?.parse().ok()
 }
 
+/// A process's weight to the CPU scheduler, read from the cgroup it is in: `cpu.weight` of its
+/// v2 cgroup where the v2 cpu controller is on, else `cpu.shares` of its v1 cpu cgroup (a hybrid
+/// host); `None` when neither applies (or it has gone).
+pub fn cpu_weight_of(pid: i32) -> Option<(&'static str, u32)> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let read =
+        |path: String| -> Option<u32> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.is_empty() {
+            if let Some(w) = read(format!("/sys/fs/cgroup{path}/cpu.weight")) {
+                return Some(("cpu.weight", w));
+            }
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            return read(format!("/sys/fs/cgroup/cpu,cpuacct{path}/cpu.shares"))
+                .or_else(|| read(format!("/sys/fs/cgroup/cpu{path}/cpu.shares")))
+                .map(|s| ("cpu.shares", s));
+        }
+    }
+    None
+}
+
 /// Every live process of the machine.
 pub fn snapshot() -> Vec<Proc> {
     all().into_iter().map(|(p, _)| p).collect()
