@@ -56,7 +56,11 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
                 niced.insert((p.pid, p.start), (n, p.cmdline.clone()));
             }
         }
-        for p in procwatch::of_task(&server.run_dir(id)) {
+        // (A zombie has no command line, and has left its cgroups.)
+        for p in procwatch::of_task(&server.run_dir(id))
+            .into_iter()
+            .filter(|p| !p.cmdline.is_empty())
+        {
             let weight = procwatch::cpu_weight_of(p.pid);
             // None for a process that ended between the two reads says nothing.
             if weight.is_some() || Path::new(&format!("/proc/{}", p.pid)).exists() {
