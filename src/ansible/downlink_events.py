@@ -1,7 +1,14 @@
 # downlink's callback plugin: appends one JSON object per line to the file named by the environment
-# variable DOWNLINK_EVENTS_FILE for every playbook, play and task start, every runner result and
-# the final stats. downlink follows that file to fill task_hosts and task_events. The file (not a
-# pipe) lets a task outlive the server process that started it.
+# variable DOWNLINK_EVENTS_FILE for every callback ansible makes (playbook, play and task starts,
+# every runner result, loop item, retry, async poll, include, warning, the final stats; the list
+# is in docs/events.md). downlink follows that file to fill task_hosts and task_events. The file
+# (not a pipe) lets a task outlive the server process that started it.
+#
+# Each event carries, in `stdout`, the text ansible's stdout callback printed for it: ansible calls
+# the stdout callback first, then this one, and every line goes through the one Display of the
+# process, so this plugin wraps Display.display and hands what it collected to the next event.
+# The terminal output stays exactly as it was, and nothing is formatted twice. (ansible-runner
+# does the same, with markers in the output that it parses back.)
 #
 # With DOWNLINK_LEASE_FILE set (shared_queue), it also runs the task's watchdog: a thread of this
 # ansible-playbook process that ends the whole run once the agent's lease file (touched at every
@@ -20,6 +27,7 @@ import threading
 import time
 
 from ansible.plugins.callback import CallbackBase
+from ansible.utils.display import Display
 
 DOCUMENTATION = """
     name: downlink_events
@@ -35,6 +43,10 @@ DOCUMENTATION = """
 MAX_RESULT = 16384
 MAX_FIELD = 4096
 TRUNCATED = "...[truncated by downlink]"
+# A result is an object in the event. One over MAX_RESULT bytes of JSON keeps its keys: values
+# longer than this are cut (a value that is not a string becomes the start of its JSON text),
+# then the largest are dropped, and `_downlink_truncated` says so.
+MAX_VALUE = MAX_RESULT // 8
 
 
 def _bounded(value, limit=MAX_FIELD):
@@ -44,6 +56,69 @@ def _bounded(value, limit=MAX_FIELD):
     if len(value) > limit:
         return value[:limit] + TRUNCATED
     return value
+
+
+def _fit_result(res):
+    """The result, an object of at most about MAX_RESULT bytes of JSON (see MAX_VALUE)."""
+    body = json.dumps(res, default=str, sort_keys=True)
+    if len(body) <= MAX_RESULT:
+        return res
+    cut = {}
+    sizes = {}
+    for key, value in res.items():
+        key = str(key)
+        text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+        if len(text) > MAX_VALUE:
+            value = text[:MAX_VALUE] + TRUNCATED
+        cut[key] = value
+        sizes[key] = len(json.dumps(value, default=str))
+    dropped = []
+    total = sum(sizes.values()) + 4 * len(sizes)
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        if total <= MAX_RESULT - 512:
+            break
+        total -= sizes[key]
+        del cut[key]
+        dropped.append(key)
+    cut["_downlink_truncated"] = {"bytes": len(body), "dropped": sorted(dropped)}
+    return cut
+
+
+class _Printed:
+    """What ansible printed since the last event: Display.display of this process, wrapped."""
+
+    def __init__(self):
+        self._lines = []
+        self._lock = threading.Lock()
+        display = Display()
+        original = display.display
+        main = os.getpid()
+
+        def display_and_keep(msg, *args, **kwargs):
+            # In a worker (a fork) the text goes to the main process, and is kept there.
+            log_only = kwargs.get("log_only", args[3] if len(args) > 3 else False)
+            if not log_only and os.getpid() == main:
+                with self._lock:
+                    self._lines.append(str(msg))
+            return original(msg, *args, **kwargs)
+
+        display.display = display_and_keep
+
+    def take(self):
+        with self._lock:
+            lines, self._lines = self._lines, []
+        if not lines:
+            return None
+        return _bounded("\n".join(line.rstrip("\n") for line in lines), MAX_RESULT)
+
+
+def _parts(result):
+    """(result dict, host name, task) of a runner result, ansible 2.19's names or older ones."""
+    try:
+        res, host, task = result.result, result.host, result.task
+    except AttributeError:
+        res, host, task = result._result, result._host, result._task
+    return (res if isinstance(res, dict) else {}), host.get_name(), task
 
 
 def _now():
@@ -150,12 +225,56 @@ class CallbackModule(CallbackBase):
         _start_watchdog(path)
         self._dropped = 0
         self._dropped_bytes = 0
+        # Warnings proxied from ansible's workers are shown on a thread of their own.
+        self._lock = threading.RLock()
+        self._printed = _Printed() if self._out else None
+        self._wrap_warnings()
 
-    def _emit(self, event, **fields):
+    def _wrap_warnings(self):
+        """Every warning and deprecation ansible shows becomes an event (with its text)."""
         if self._out is None:
             return
+        display = Display()
+        main = os.getpid()
+        # ansible-core 2.19 shows them through _warning and _deprecated; older ones through
+        # warning and deprecated.
+        for kind, names in (("warning", ("_warning", "warning")), ("deprecation", ("_deprecated", "deprecated"))):
+            name = next((n for n in names if hasattr(display, n)), None)
+            if name is None:
+                continue
+            original = getattr(display, name)
+
+            def shown(*args, _original=original, _kind=kind, **kwargs):
+                if os.getpid() != main:
+                    # A worker (a fork): its warnings are shown, and become events, in the main
+                    # process, which the worker's display sends them to.
+                    return _original(*args, **kwargs)
+                with self._lock:
+                    before = self._printed.take()
+                    result = _original(*args, **kwargs)
+                    text = self._printed.take()
+                    if text:
+                        printed = "\n".join(t for t in (before, text) if t)
+                        self._emit(_kind, msg=_bounded(text), printed=printed)
+                    elif before:
+                        # Not shown (a duplicate, or disabled): what came before stays for the next event.
+                        self._printed._lines.insert(0, before)
+                return result
+
+            setattr(display, name, shown)
+
+    def _emit(self, event, printed=None, **fields):
+        if self._out is None:
+            return
+        with self._lock:
+            self._emit_locked(event, printed, fields)
+
+    def _emit_locked(self, event, printed, fields):
         fields["event"] = event
         fields["time"] = _now()
+        text = self._printed.take() if self._printed else None
+        if printed or text:
+            fields["stdout"] = "\n".join(t for t in (printed, text) if t)
         # ensure_ascii: the file stays ASCII whatever a node printed (an undecodable byte becomes a
         # \udcXX escape, which downlink repairs; it never fails to encode here).
         line = json.dumps(fields, default=str, sort_keys=True) + "\n"
@@ -176,19 +295,22 @@ class CallbackModule(CallbackBase):
         self._written += len(line)
 
     def _runner(self, event, result, **extra):
-        res = result._result if isinstance(result._result, dict) else {}
-        body = json.dumps(res, default=str, sort_keys=True)
-        if len(body) > MAX_RESULT:
-            body = body[:MAX_RESULT] + "...[truncated by downlink]"
+        res, host, task = _parts(result)
+        failed = event in ("runner_failed", "runner_unreachable", "runner_item_failed", "runner_async_failed")
         self._emit(
             event,
-            host=_bounded(result._host.get_name()),
-            task=_bounded(result._task.get_name()),
+            host=_bounded(host),
+            task=_bounded(task.get_name()),
             changed=bool(res.get("changed", False)),
-            msg=_bounded(_message(res)) if event in ("runner_failed", "runner_unreachable") else None,
-            result=body,
+            msg=_bounded(_message(res)) if failed else None,
+            result=_fit_result(res),
             **extra,
         )
+
+    def _item(self, event, result):
+        res, _, _ = _parts(result)
+        label = res.get("_ansible_item_label", res.get("item"))
+        self._runner(event, result, item=_bounded(json.dumps(label, default=str, sort_keys=True)))
 
     def v2_playbook_on_start(self, playbook):
         self._emit("playbook_start", playbook=os.path.basename(playbook._file_name))
@@ -236,6 +358,50 @@ class CallbackModule(CallbackBase):
 
     def v2_runner_on_skipped(self, result):
         self._runner("runner_skipped", result)
+
+    def v2_runner_on_start(self, host, task):
+        self._emit("runner_start", host=_bounded(host.get_name()), task=_bounded(task.get_name()))
+
+    def v2_runner_item_on_ok(self, result):
+        self._item("runner_item_ok", result)
+
+    def v2_runner_item_on_failed(self, result):
+        self._item("runner_item_failed", result)
+
+    def v2_runner_item_on_skipped(self, result):
+        self._item("runner_item_skipped", result)
+
+    def v2_runner_retry(self, result):
+        res, _, _ = _parts(result)
+        self._runner("runner_retry", result, attempts=res.get("attempts"), retries=res.get("retries"))
+
+    def v2_runner_on_async_poll(self, result):
+        self._runner("runner_async_poll", result)
+
+    def v2_runner_on_async_ok(self, result):
+        self._runner("runner_async_ok", result)
+
+    def v2_runner_on_async_failed(self, result):
+        self._runner("runner_async_failed", result)
+
+    def v2_playbook_on_include(self, included_file):
+        for host in included_file._hosts:
+            self._emit(
+                "include", host=_bounded(host.get_name()), file=_bounded(included_file._filename),
+            )
+
+    def v2_playbook_on_no_hosts_matched(self):
+        self._emit("no_hosts_matched")
+
+    def v2_playbook_on_no_hosts_remaining(self):
+        self._emit("no_hosts_remaining")
+
+    def v2_playbook_on_notify(self, handler, host):
+        self._emit("handler_notified", host=_bounded(host.get_name()), handler=_bounded(handler.get_name()))
+
+    def v2_on_file_diff(self, result):
+        _, host, task = _parts(result)
+        self._emit("diff", host=_bounded(host), task=_bounded(task.get_name()))
 
     def v2_playbook_on_stats(self, stats):
         hosts = {}

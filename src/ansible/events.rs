@@ -52,7 +52,7 @@ pub struct Event {
     pub msg: Option<String>,
     pub ignore_errors: bool,
     pub stats: Option<BTreeMap<String, Counters>>,
-    /// The line as written, cut to `MAX_PAYLOAD`.
+    /// The line as written, made to fit `max_event_bytes` by [`fit`] (still JSON).
     pub payload: String,
 }
 
@@ -74,7 +74,7 @@ pub fn parse_line(line: &str, max_payload: usize) -> Option<Event> {
         msg: raw.msg,
         ignore_errors: raw.ignore_errors,
         stats: raw.hosts,
-        payload: bounded(line, max_payload),
+        payload: fit(line, max_payload),
     })
 }
 
@@ -88,6 +88,75 @@ pub fn bounded(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}{TRUNCATED}", &text[..end])
+}
+
+/// Length of `s` as a JSON string's contents (escapes counted as serde_json writes them).
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// `s` cut (at a character) so that its JSON contents, the marker included, take at most
+/// `budget` bytes.
+fn cut_json_string(s: &str, budget: usize) -> String {
+    let room = budget.saturating_sub(TRUNCATED.len());
+    let mut used = 0;
+    let end = s
+        .char_indices()
+        .find(|(_, c)| {
+            used += json_len(*c);
+            used > room
+        })
+        .map_or(s.len(), |(i, _)| i);
+    format!("{}{TRUNCATED}", &s[..end])
+}
+
+/// An event's payload: the line as written when it fits in `max` bytes; else still JSON, made to
+/// fit. The object gains `"truncated": {"bytes": <the line's length>}`; its `result` becomes
+/// `{"_downlink_truncated": {"bytes": <its JSON's length>}}`; then its longest strings (`stdout`
+/// first, as a rule) are cut, each ending with [`TRUNCATED`]. A line that is not an object (the
+/// plugin writes none) is stored as a JSON string, cut the same way.
+pub fn fit(line: &str, max: usize) -> String {
+    use serde_json::{json, Value};
+    if line.len() <= max {
+        return line.to_owned();
+    }
+    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(line) else {
+        return Value::String(cut_json_string(line, max.saturating_sub(2))).to_string();
+    };
+    obj.insert("truncated".into(), json!({ "bytes": line.len() }));
+    if let Some(result) = obj.get_mut("result") {
+        let bytes = result.to_string().len();
+        *result = json!({ "_downlink_truncated": { "bytes": bytes } });
+    }
+    for _ in 0..obj.len() {
+        let size = Value::Object(obj.clone()).to_string().len();
+        if size <= max {
+            break;
+        }
+        let longest = obj
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "event" | "time"))
+            .filter_map(|(k, v)| {
+                Some((k.clone(), v.as_str()?.chars().map(json_len).sum::<usize>()))
+            })
+            .max_by_key(|(_, len)| *len);
+        let Some((key, len)) = longest else { break };
+        if let Some(Value::String(text)) = obj.get_mut(&key) {
+            *text = cut_json_string(text, len.saturating_sub(size - max));
+        }
+    }
+    let out = Value::Object(obj.clone()).to_string();
+    if out.len() <= max {
+        return out;
+    }
+    // Only short fields are left, and too many of them: the event's kind and time, and the mark.
+    let keep = |k: &str| obj.get(k).cloned().unwrap_or(Value::Null);
+    json!({ "event": keep("event"), "time": keep("time"), "truncated": keep("truncated") })
+        .to_string()
 }
 
 /// How a task ended, as far as host results are concerned.
@@ -343,6 +412,58 @@ mod tests {
         assert_eq!(fin[0].skipped, 2);
         assert_eq!(fin[0].result.as_deref(), Some("ok"));
         assert_eq!(fin[1].result.as_deref(), Some("skipped"));
+    }
+
+    #[test]
+    fn a_payload_that_fits_is_the_line_itself() {
+        let line =
+            r#"{"event":"runner_ok","host":"h","stdout":"ok: [h]","result":{"changed":false}}"#;
+        assert_eq!(fit(line, 256), line);
+    }
+
+    #[test]
+    fn a_long_payload_stays_json_and_says_what_was_cut() {
+        let stdout = "fatal: [h]: \"quoted\"\n\u{1}é".repeat(2000);
+        let line =
+            serde_json::json!({"event": "runner_failed", "time": "2026-12-04T10:00:00.000000Z",
+            "host": "h", "stdout": stdout, "result": {"msg": "x".repeat(5000)}})
+            .to_string();
+        let cut = fit(&line, 1024);
+        assert!(cut.len() <= 1024, "{} bytes", cut.len());
+        let v: serde_json::Value = serde_json::from_str(&cut).expect("still JSON");
+        assert_eq!(v["event"], "runner_failed");
+        assert_eq!(v["host"], "h");
+        assert_eq!(v["truncated"]["bytes"], line.len());
+        assert!(v["result"]["_downlink_truncated"]["bytes"].as_u64() > Some(5000));
+        let kept = v["stdout"].as_str().expect("stdout kept, cut");
+        assert!(kept.ends_with(TRUNCATED));
+        assert!(stdout.starts_with(kept.trim_end_matches(TRUNCATED)));
+        // Not cut further than needed: the cut stdout fills most of the room.
+        assert!(cut.len() > 900, "{} bytes", cut.len());
+    }
+
+    #[test]
+    fn a_line_that_is_not_an_object_is_stored_as_a_json_string() {
+        let cut = fit(&"\"x".repeat(1000), 300);
+        assert!(cut.len() <= 300);
+        let v: serde_json::Value = serde_json::from_str(&cut).unwrap();
+        assert!(v.as_str().unwrap().ends_with(TRUNCATED));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_cut_payload_is_json_within_the_limit(
+            text in "(?s).{0,3000}",
+            other in "[a-z\"\\\\]{0,600}",
+            max in 256usize..4096,
+        ) {
+            let line = serde_json::json!({"event": "runner_ok", "time": "t", "host": other,
+                "task": other, "stdout": text, "result": {"stdout": text}}).to_string();
+            let cut = fit(&line, max);
+            proptest::prop_assert!(cut.len() <= max);
+            let v: serde_json::Value = serde_json::from_str(&cut).unwrap();
+            proptest::prop_assert_eq!(&v["event"], "runner_ok");
+        }
     }
 
     #[test]

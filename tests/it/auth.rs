@@ -221,9 +221,7 @@ fn run_as_runs_the_playbook_as_that_user() {
         .find(|e| e.kind == "runner_ok")
         .expect("the command ran");
     let event: serde_json::Value = serde_json::from_str(&ran.payload).unwrap();
-    let result: serde_json::Value =
-        serde_json::from_str(event["result"].as_str().unwrap()).unwrap();
-    assert_eq!(result["stdout"], json!(user));
+    assert_eq!(event["result"]["stdout"], json!(user));
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(server.run_dir(id)).unwrap();
     let uid = nix::unistd::User::from_name(&user)

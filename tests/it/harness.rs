@@ -13,6 +13,22 @@ use downlink::store::db::{self, DbConnection, Pool, Target};
 use downlink::store::{self, HostRow, Task};
 use serde_json::Value;
 
+/// The lines of a stream, read to its end (NDJSON), or to the end of the answer (SSE).
+pub fn stream(base: &str, path_and_query: &str, headers: &[(&str, &str)]) -> (String, Vec<String>) {
+    use std::io::BufRead;
+    let mut req = ureq::get(&format!("{base}{path_and_query}"));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = req.call().expect("the stream answers");
+    let content_type = res.header("Content-Type").unwrap_or_default().to_owned();
+    let lines = std::io::BufReader::new(res.into_reader())
+        .lines()
+        .map(|l| l.expect("a line"))
+        .collect();
+    (content_type, lines)
+}
+
 /// Which database a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

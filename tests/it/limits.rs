@@ -86,7 +86,9 @@ fn events_are_bounded_per_task_and_in_size_with_a_marker() {
         s.max_events_per_task = 8;
         s.max_event_bytes = 300;
     });
-    let play = "- ping:\n- debug: {msg: \"{{ 'y' * 2000 }}\"}\n- ping:\n- ping:\n- ping:\n";
+    // The long message's results are events 6 and 7 (after the playbook, play and task starts
+    // and each host's start).
+    let play = "- debug: {msg: \"{{ 'y' * 2000 }}\"}\n- ping:\n- ping:\n- ping:\n- ping:\n";
     let id = server.run(run_body("chatty", &HOSTS[..2], play));
     let task = server.wait_end(id, 60);
     assert_eq!(task.status, 4);
@@ -96,8 +98,18 @@ fn events_are_bounded_per_task_and_in_size_with_a_marker() {
     assert!(events
         .iter()
         .all(|e| e.payload.len() <= 300 || e.kind == "events_truncated"));
+    // A cut payload is still JSON and says it was cut.
+    let payloads: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.payload).expect("every payload is JSON"))
+        .collect();
     assert!(
-        events.iter().any(|e| e.payload.ends_with("...[truncated]")),
+        payloads
+            .iter()
+            .any(|p| p["truncated"]["bytes"].as_u64() > Some(2000)
+                && p["stdout"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with("...[truncated]"))),
         "{events:?}"
     );
     // Host results still count every event.

@@ -10,6 +10,7 @@ mod cluster;
 mod connections;
 mod contract;
 mod disk;
+mod events;
 mod execution;
 mod fencing;
 mod fuzz;

@@ -8,7 +8,7 @@ use diesel::{QueryableByName, RunQueryDsl};
 use serde_json::{json, Value};
 
 use crate::both_backends;
-use crate::harness::{request, run_body, Backend, BinServer, TestServer, DEAD, HOSTS};
+use crate::harness::{request, run_body, stream, Backend, BinServer, TestServer, DEAD, HOSTS};
 
 both_backends!(
     metrics_after_a_mixed_run_match_the_tables,
@@ -213,22 +213,6 @@ fn stored_events(server: &TestServer, id: i64) -> Vec<StoredEvent> {
     server
         .view
         .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?))
-}
-
-/// The lines of a stream, read to its end (NDJSON), or to the end of the answer (SSE).
-fn stream(base: &str, path_and_query: &str, headers: &[(&str, &str)]) -> (String, Vec<String>) {
-    use std::io::BufRead;
-    let mut req = ureq::get(&format!("{base}{path_and_query}"));
-    for (k, v) in headers {
-        req = req.set(k, v);
-    }
-    let res = req.call().expect("the stream answers");
-    let content_type = res.header("Content-Type").unwrap_or_default().to_owned();
-    let lines = std::io::BufReader::new(res.into_reader())
-        .lines()
-        .map(|l| l.expect("a line"))
-        .collect();
-    (content_type, lines)
 }
 
 /// `(seq, host, kind)` of the event lines of an NDJSON stream, and its closing line.

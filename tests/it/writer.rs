@@ -103,8 +103,8 @@ fn rows_the_database_refuses_are_repaired_and_the_writer_goes_on(backend: Backen
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let dropped = kinds.iter().filter(|k| **k == "event_dropped").count();
     assert_eq!(
-        dropped, 3,
-        "task_start and two runner_ok of `poison`: {kinds:?}"
+        dropped, 5,
+        "task_start, two runner_start and two runner_ok of `poison`: {kinds:?}"
     );
     assert!(events
         .iter()
