@@ -112,6 +112,8 @@ pub enum ApiError {
     Method,
     #[error("unauthorized")]
     Unauthorized(crate::api::auth::Refusal),
+    #[error("forbidden: this token may only read; running and stopping tasks need a token with the operate role")]
+    ReadOnly,
     #[error("{0}")]
     Other(String),
 }
@@ -140,7 +142,9 @@ impl ResponseError for ApiError {
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(crate::api::auth::Refusal::Token) => StatusCode::UNAUTHORIZED,
-            ApiError::Unauthorized(crate::api::auth::Refusal::Network) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(crate::api::auth::Refusal::Network) | ApiError::ReadOnly => {
+                StatusCode::FORBIDDEN
+            }
             _ => StatusCode::OK,
         }
     }
@@ -201,12 +205,21 @@ pub async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NoRoute)
 }
 
-/// Who is calling: the two required headers.
+/// Who is calling: the two required headers, the token the call was accepted for, and through
+/// what it came.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub correlation_id: String,
     pub source: String,
+    /// The token's name (`local` without tokens): recorded as who ran or stopped a task.
+    pub who: String,
+    /// `api`, or `cli` for `downlink tasks …` (it says so in `X-Downlink-Via`); the console's
+    /// own calls are `console`.
+    pub via: &'static str,
 }
+
+/// The `X-Downlink-Via` header the CLI sends.
+pub const VIA_HEADER: &str = "X-Downlink-Via";
 
 const MAX_HEADER: usize = 256;
 
@@ -235,9 +248,20 @@ fn required_header(req: &HttpRequest, name: &str) -> Result<String, ApiError> {
 impl Caller {
     /// Reads and checks `X-CORRELATION-ID` and `X-RESOURCE`.
     pub fn from_request(req: &HttpRequest) -> Result<Caller, ApiError> {
+        use actix_web::HttpMessage;
+        let who = req
+            .extensions()
+            .get::<auth::Identity>()
+            .map_or_else(|| auth::LOCAL.to_owned(), |i| i.name.clone());
+        let cli = req
+            .headers()
+            .get(VIA_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cli"));
         Ok(Caller {
             correlation_id: required_header(req, "X-CORRELATION-ID")?,
             source: required_header(req, "X-RESOURCE")?,
+            who,
+            via: if cli { "cli" } else { "api" },
         })
     }
 

@@ -89,7 +89,10 @@ impl Client {
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        let mut req = self
+            .agent
+            .request(method, &format!("{}{path}", self.base))
+            .set(crate::api::VIA_HEADER, "cli");
         if let Some(token) = &self.token {
             req = req.set("Authorization", &format!("Bearer {token}"));
         }

@@ -75,6 +75,25 @@ impl<'de> Deserialize<'de> for TokenHash {
     }
 }
 
+/// What a token may do: `read` (the console, `/api/check`, `/api/getlog`, every `GET`,
+/// `/metrics`) or `operate` (also run and stop tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Operate,
+}
+
+/// A token of `auth_tokens`: its name (recorded as who ran or stopped a task), the SHA-256 of the
+/// token and its role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToken {
+    pub name: String,
+    pub sha256: TokenHash,
+    pub role: Role,
+}
+
 /// A network of `allow_networks`: CIDR (`10.0.0.0/8`, `2001:db8::/32`) or one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllowedNetwork(pub ipnet::IpNet);
@@ -117,6 +136,10 @@ pub struct Settings {
     pub tls_cert_file: String,
     pub tls_key_file: String,
     pub auth_token_hashes: Vec<TokenHash>,
+    /// Tokens that may only read.
+    pub auth_read_token_hashes: Vec<TokenHash>,
+    /// Named tokens with a role.
+    pub auth_tokens: Vec<NamedToken>,
     pub auth_token_file: String,
     pub allow_networks: Vec<AllowedNetwork>,
     pub allow_unauthenticated: bool,
@@ -274,6 +297,12 @@ impl Settings {
         }
         if !(1..=10000).contains(&self.task_cpu_weight) {
             return bad("task_cpu_weight must be 1 to 10000");
+        }
+        for t in &self.auth_tokens {
+            let printable = t.name.chars().all(|c| c.is_ascii_graphic());
+            if t.name.is_empty() || t.name.len() > 64 || !printable {
+                return bad("auth_tokens: a name is 1 to 64 printable ASCII characters, no spaces");
+            }
         }
         if !is_agent_name(&self.agent_name) {
             return bad("agent_name must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names the agent's run directory");

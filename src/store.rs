@@ -80,6 +80,10 @@ pub struct TaskListing {
     pub created_at: NaiveDateTime,
     pub started_at: Option<NaiveDateTime>,
     pub ended_at: Option<NaiveDateTime>,
+    pub requested_by: Option<String>,
+    pub requested_via: Option<String>,
+    pub stop_requested_by: Option<String>,
+    pub stop_requested_via: Option<String>,
 }
 
 /// A new task, as validated from a request.
@@ -100,6 +104,9 @@ pub struct NewTask {
     pub updated_at: NaiveDateTime,
     /// The agent that runs it; `None`: unclaimed, in the shared queue (`shared_queue`).
     pub agent: Option<String>,
+    /// Who ran it (a token's name, or `local`) and through what (`api`, `console`, `cli`).
+    pub requested_by: Option<String>,
+    pub requested_via: Option<String>,
 }
 
 /// A per-host result row.
@@ -266,6 +273,28 @@ pub fn in_one_transaction<T>(
 }
 
 /// Inserts a task; its id once committed.
+/// Records who first asked to stop a live task (a later stop, or one of an ended task, changes
+/// nothing).
+pub fn record_stop_request(
+    conn: &mut DbConnection,
+    id: i64,
+    by: &str,
+    via: &str,
+) -> Result<(), StoreError> {
+    diesel::update(
+        tasks::table
+            .find(id)
+            .filter(tasks::status.eq_any(Status::LIVE))
+            .filter(tasks::stop_requested_by.is_null()),
+    )
+    .set((
+        tasks::stop_requested_by.eq(by),
+        tasks::stop_requested_via.eq(via),
+    ))
+    .execute(conn)?;
+    Ok(())
+}
+
 pub fn insert_task(conn: &mut DbConnection, new: &NewTask) -> Result<i64, StoreError> {
     // In a transaction of its own, so the commit is a statement whose failure is seen: SQLite
     // commits an autocommit `INSERT … RETURNING` only when the statement is reset, after its row

@@ -1,5 +1,6 @@
 //! Who may call: bearer tokens and a client allow-list of networks, either or both. Every
-//! configured mechanism must pass. `/healthz` and `/readyz` stay open.
+//! configured mechanism must pass. `/healthz` and `/readyz` stay open. A token has a name and a
+//! role (`read` or `operate`); the caller a call was accepted for is who runs and stops record.
 //!
 //! Tokens are never stored: settings hold the SHA-256 of each token (hex), and a presented token
 //! is hashed and compared against every stored hash in constant time, so neither the comparison
@@ -8,18 +9,44 @@
 use std::net::{IpAddr, SocketAddr};
 
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::settings::{AllowedNetwork, Settings, TokenHash};
+use crate::settings::{AllowedNetwork, Role, Settings, TokenHash};
 
 /// Paths anyone may call (load balancers, systemd).
 pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz"];
 
+/// The name runs and stops record when the server asks for no token.
+pub const LOCAL: &str = "local";
+
+/// A token the server accepts.
+#[derive(Debug, Clone)]
+struct Token {
+    hash: TokenHash,
+    name: String,
+    role: Role,
+}
+
 /// The access rules in force.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
-    token_hashes: Vec<TokenHash>,
+    tokens: Vec<Token>,
     networks: Vec<AllowedNetwork>,
+}
+
+/// Who a call was accepted for: a token's name and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's name, or [`LOCAL`] when no token is configured.
+    pub name: String,
+    pub role: Role,
+}
+
+impl Identity {
+    /// Whether this caller may run and stop tasks.
+    pub fn may_operate(&self) -> bool {
+        self.role == Role::Operate
+    }
 }
 
 /// Why a call was refused.
@@ -29,6 +56,13 @@ pub enum Refusal {
     Token,
     /// The peer is outside the allow-list (HTTP 403).
     Network,
+}
+
+/// Whether a call runs or stops tasks, which only `operate` tokens may.
+pub fn operates(method: &actix_web::http::Method, path: &str) -> bool {
+    *method == actix_web::http::Method::POST
+        && (matches!(path, "/api/run" | "/api/parallel_run" | "/api/stop")
+            || (path.starts_with("/ui/tasks/") && path.ends_with("/stop")))
 }
 
 /// Why the access rules could not be built.
@@ -73,10 +107,12 @@ fn bearer(value: &[u8]) -> Option<&str> {
 }
 
 impl Access {
-    /// The rules of the settings: `auth_token_hashes`, the hashes in `auth_token_file` (one per
-    /// line, `#` comments) and `allow_networks`.
+    /// The rules of the settings: `auth_tokens`, `auth_token_hashes` and the hashes in
+    /// `auth_token_file` (one per line, `#` comments; operate), `auth_read_token_hashes` (read),
+    /// and `allow_networks`.
     pub fn from_settings(s: &Settings) -> Result<Access, AuthError> {
         let mut token_hashes = s.auth_token_hashes.clone();
+        let read_hashes = s.auth_read_token_hashes.iter();
         if !s.auth_token_file.is_empty() {
             let path = s.auth_token_file.clone();
             let text =
@@ -99,40 +135,81 @@ impl Access {
                 token_hashes.push(hash);
             }
         }
+        let unnamed = |hash: &TokenHash, role| Token {
+            hash: *hash,
+            name: format!("token-{}", &hash.to_string()[..8]),
+            role,
+        };
+        let tokens = s
+            .auth_tokens
+            .iter()
+            .map(|t| Token {
+                hash: t.sha256,
+                name: t.name.clone(),
+                role: t.role,
+            })
+            .chain(token_hashes.iter().map(|h| unnamed(h, Role::Operate)))
+            .chain(read_hashes.map(|h| unnamed(h, Role::Read)))
+            .collect();
         Ok(Access {
-            token_hashes,
+            tokens,
             networks: s.allow_networks.clone(),
         })
     }
 
     /// Whether any mechanism is configured.
     pub fn is_configured(&self) -> bool {
-        !self.token_hashes.is_empty() || !self.networks.is_empty()
+        !self.tokens.is_empty() || !self.networks.is_empty()
     }
 
-    /// Checks a call from `peer` with this `Authorization` header value.
-    pub fn check(&self, peer: Option<IpAddr>, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+    /// Whether callers must present a token (the console then asks for one).
+    pub fn wants_token(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Checks a call from `peer` with this `Authorization` header value; who it is for.
+    pub fn check(
+        &self,
+        peer: Option<IpAddr>,
+        authorization: Option<&[u8]>,
+    ) -> Result<Identity, Refusal> {
         if !self.networks.is_empty() {
             let inside = peer.is_some_and(|ip| self.networks.iter().any(|n| contains(n, ip)));
             if !inside {
                 return Err(Refusal::Network);
             }
         }
-        if !self.token_hashes.is_empty() {
-            let token = authorization.and_then(bearer).ok_or(Refusal::Token)?;
-            let presented = hash_token(token);
-            // Every stored hash is compared in full and in constant time, whatever matched before.
-            let matched = self
-                .token_hashes
-                .iter()
-                .fold(subtle::Choice::from(0), |acc, stored| {
-                    acc | stored.0.ct_eq(&presented.0)
-                });
-            if !bool::from(matched) {
-                return Err(Refusal::Token);
-            }
+        if self.tokens.is_empty() {
+            return Ok(Identity {
+                name: LOCAL.to_owned(),
+                role: Role::Operate,
+            });
         }
-        Ok(())
+        let token = authorization.and_then(bearer).ok_or(Refusal::Token)?;
+        self.token(token).ok_or(Refusal::Token)
+    }
+
+    /// The caller a presented token stands for, if it is one of ours.
+    pub fn token(&self, token: &str) -> Option<Identity> {
+        let presented = hash_token(token);
+        // Every stored hash is compared in full and in constant time, whatever matched before;
+        // the index of the match is selected the same way.
+        let (matched, index) = self.tokens.iter().enumerate().fold(
+            (subtle::Choice::from(0), 0u32),
+            |(any, index), (i, stored)| {
+                let this = stored.hash.0.ct_eq(&presented.0);
+                let i = u32::try_from(i).unwrap_or(u32::MAX);
+                (any | this, u32::conditional_select(&index, &i, this))
+            },
+        );
+        if !bool::from(matched) {
+            return None;
+        }
+        let t = self.tokens.get(usize::try_from(index).ok()?)?;
+        Some(Identity {
+            name: t.name.clone(),
+            role: t.role,
+        })
     }
 }
 
@@ -187,22 +264,43 @@ mod tests {
     fn tokens_and_networks_must_all_pass() {
         let a = access(&["s3cret", "other"], &["127.0.0.0/8"]);
         let local = Some("127.0.0.1".parse().unwrap());
-        assert_eq!(a.check(local, Some(b"Bearer s3cret")), Ok(()));
-        assert_eq!(a.check(local, Some(b"Bearer other")), Ok(()));
+        assert!(a.check(local, Some(b"Bearer s3cret")).is_ok());
+        assert!(a.check(local, Some(b"Bearer other")).is_ok());
         assert_eq!(a.check(local, Some(b"Bearer wrong")), Err(Refusal::Token));
         assert_eq!(a.check(local, Some(b"s3cret")), Err(Refusal::Token));
         assert_eq!(a.check(local, Some(b"Bearer ")), Err(Refusal::Token));
         assert_eq!(a.check(local, None), Err(Refusal::Token));
         let far = Some("10.0.0.1".parse().unwrap());
         assert_eq!(a.check(far, Some(b"Bearer s3cret")), Err(Refusal::Network));
-        assert_eq!(Access::default().check(far, None), Ok(()));
+        let open = Access::default().check(far, None).unwrap();
+        assert_eq!((open.name.as_str(), open.role), (LOCAL, Role::Operate));
+    }
+
+    #[test]
+    fn a_token_is_its_name_and_role() {
+        let mut s = Settings::defaults();
+        s.auth_token_hashes = vec![hash_token("op")];
+        s.auth_read_token_hashes = vec![hash_token("look")];
+        s.auth_tokens = vec![crate::settings::NamedToken {
+            name: "orchestrator".into(),
+            sha256: hash_token("orch"),
+            role: Role::Operate,
+        }];
+        let a = Access::from_settings(&s).unwrap();
+        let who = |t: &str| a.token(t).map(|c| (c.name, c.role));
+        assert_eq!(who("orch"), Some(("orchestrator".into(), Role::Operate)));
+        let op_name = format!("token-{}", &hash_token("op").to_string()[..8]);
+        assert_eq!(who("op"), Some((op_name, Role::Operate)));
+        assert_eq!(who("look").map(|w| w.1), Some(Role::Read));
+        assert!(!a.token("look").unwrap().may_operate());
+        assert_eq!(who("nope"), None);
     }
 
     #[test]
     fn the_scheme_is_case_insensitive_and_the_token_is_not() {
         let a = access(&["s3cret"], &[]);
         for header in [&b"bearer s3cret"[..], b"BEARER s3cret", b"BeArEr s3cret"] {
-            assert_eq!(a.check(None, Some(header)), Ok(()));
+            assert!(a.check(None, Some(header)).is_ok());
         }
         assert_eq!(a.check(None, Some(b"Bearer S3CRET")), Err(Refusal::Token));
         assert_eq!(a.check(None, Some(b"Basic s3cret")), Err(Refusal::Token));

@@ -8,10 +8,10 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::middleware::Next;
-use actix_web::{web, Error, ResponseError};
+use actix_web::{web, Error, HttpMessage, ResponseError};
 use slog::{info, warn};
 
-use super::auth::OPEN_PATHS;
+use super::auth::{operates, OPEN_PATHS};
 use super::{ApiError, AppState, ErrorMessage};
 
 /// Refuses a caller without a valid token or from outside the allow-list; `/healthz`, `/readyz`
@@ -31,11 +31,22 @@ pub async fn gate(
     if !open {
         let peer = req.peer_addr().map(|a| a.ip());
         let authz = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-        if let Err(why) = state.access.check(peer, authz) {
-            warn!(state.log, "refused a caller"; "peer" => req.peer_addr().map(|a| a.to_string()),
-                  "path" => path.to_owned(), "reason" => format!("{why:?}"));
-            let res = ApiError::Unauthorized(why).error_response();
-            return Ok(req.into_response(res).map_into_right_body());
+        match state.access.check(peer, authz) {
+            Err(why) => {
+                warn!(state.log, "refused a caller"; "peer" => req.peer_addr().map(|a| a.to_string()),
+                      "path" => path.to_owned(), "reason" => format!("{why:?}"));
+                let res = ApiError::Unauthorized(why).error_response();
+                return Ok(req.into_response(res).map_into_right_body());
+            }
+            Ok(who) if !who.may_operate() && operates(req.method(), path) => {
+                warn!(state.log, "refused a read token"; "token" => &who.name,
+                      "path" => path.to_owned());
+                let res = ApiError::ReadOnly.error_response();
+                return Ok(req.into_response(res).map_into_right_body());
+            }
+            Ok(who) => {
+                req.extensions_mut().insert(who);
+            }
         }
     }
     next.call(req)

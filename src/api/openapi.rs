@@ -161,7 +161,7 @@ macro_rules! endpoint {
             responses(
                 (status = 200, description = "The envelope: success or {code: -1, message}", body = $answer),
                 (status = 401, description = "Missing or wrong bearer token", body = Failure),
-                (status = 403, description = "Caller outside allow_networks", body = Failure),
+                (status = 403, description = "Caller outside allow_networks, or a read token on run, parallel_run or stop", body = Failure),
             ),
             security((), ("bearer" = [])),
         )]

@@ -58,6 +58,8 @@ pub async fn submit(
         updated_at: now,
         // In the shared queue a task is nobody's until an agent claims it.
         agent: (!state.settings.shared_queue).then(|| state.settings.agent_name.clone()),
+        requested_by: Some(caller.who.clone()),
+        requested_via: Some(caller.via.to_owned()),
     };
     let inserted = state
         .persistence

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
-use slog::info;
+use slog::{info, warn};
 
 use super::check::find;
 use super::fields::id_and_name;
 use super::{read_store, success, ApiError, ApiRequest, AppState};
 use crate::status::Status;
+use crate::store::persistence::RecordStopRequest;
 use crate::supervisor::{EndOutcome, EndReason, EndTask};
 
 /// How long a stop waits for a task that is stored but not yet queued (the instant between the
@@ -25,14 +26,39 @@ const SETTLE: Duration = Duration::from_secs(5);
 
 /// POST /api/stop
 pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpResponse, ApiError> {
-    let ApiRequest { body, log, .. } = req;
+    let ApiRequest { body, log, caller } = req;
     let (id, name) = id_and_name(&body)?;
+    stop(&state, &log, id, name, &caller.who, caller.via).await
+}
+
+/// Stops task `id` (if it has this name) for `who`, through `via`; shared with the console.
+pub async fn stop(
+    state: &AppState,
+    log: &slog::Logger,
+    id: i64,
+    name: String,
+    who: &str,
+    via: &str,
+) -> Result<HttpResponse, ApiError> {
     let deadline = tokio::time::Instant::now() + SETTLE;
+    let mut recorded = false;
     loop {
-        let checked = match find(&state, &log, id, name.clone()).await {
+        let checked = match find(state, log, id, name.clone()).await {
             Ok((task, _)) => {
                 if Status::from_code(task.status).is_none_or(Status::is_terminal) {
                     return Ok(success(json!({})));
+                }
+                if !recorded {
+                    // Committed before the stop, so before the end it leads to.
+                    recorded = true;
+                    let asked = RecordStopRequest {
+                        task_id: id,
+                        by: who.to_owned(),
+                        via: via.to_owned(),
+                    };
+                    if state.persistence.send(asked).await.is_err() {
+                        warn!(log, "cannot record who asked to stop a task: the writer is not running"; "task_id" => id);
+                    }
                 }
                 None
             }
@@ -57,7 +83,7 @@ pub async fn handle(state: web::Data<AppState>, req: ApiRequest) -> Result<HttpR
             EndOutcome::Failed(_) => return Err(ApiError::DbUnavailable),
             // In the shared queue, or run by another agent.
             EndOutcome::NotLive if state.settings.shared_queue && !unchecked => {
-                end_elsewhere(&state, &log, id, &name, EndReason::Stop).await?;
+                end_elsewhere(state, log, id, &name, EndReason::Stop).await?;
                 return Ok(success(json!({})));
             }
             // Not known here, and the database cannot say whether it exists.

@@ -32,6 +32,13 @@ pub struct TaskItem {
     pub created_time: String,
     pub started_time: Option<String>,
     pub end_time: Option<String>,
+    /// Who ran it: a token's name, or `local` without tokens (null: stored before this was kept).
+    pub requested_by: Option<String>,
+    /// Through what: `api`, `console` or `cli`.
+    pub requested_via: Option<String>,
+    /// Who first asked to stop it while it was live, and through what; null when nobody did.
+    pub stop_requested_by: Option<String>,
+    pub stop_requested_via: Option<String>,
 }
 
 impl TaskItem {
@@ -49,6 +56,10 @@ impl TaskItem {
             created_time: time::rfc3339(t.created_at),
             started_time: t.started_at.map(time::rfc3339),
             end_time: t.ended_at.map(time::rfc3339),
+            requested_by: t.requested_by,
+            requested_via: t.requested_via,
+            stop_requested_by: t.stop_requested_by,
+            stop_requested_via: t.stop_requested_via,
         }
     }
 }

@@ -41,7 +41,9 @@ mod backoff;
 pub mod classify;
 mod messages;
 
-pub use messages::{FinishTask, Flush, InsertTask, MarkRunning, Repair, SaveProgress, Truth};
+pub use messages::{
+    FinishTask, Flush, InsertTask, MarkRunning, RecordStopRequest, Repair, SaveProgress, Truth,
+};
 
 /// Most writes applied in one transaction, and most events among them: queued writes are
 /// committed together (one round of BEGIN/COMMIT and one trip to the blocking pool for all).

@@ -40,6 +40,10 @@ diesel::table! {
         stop_requested_at -> Nullable<Timestamp>,
         stop_reason -> Nullable<Text>,
         remote_mark -> Nullable<Text>,
+        requested_by -> Nullable<Text>,
+        requested_via -> Nullable<Text>,
+        stop_requested_by -> Nullable<Text>,
+        stop_requested_via -> Nullable<Text>,
     }
 }
 

@@ -6,8 +6,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use diesel::sql_types::{Nullable, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+
 use crate::harness::{request, run_body, test_settings, Backend, TempDir, TestServer, HOSTS};
 use downlink::api::auth::hash_token;
+use downlink::settings::{NamedToken, Role};
 
 const UNAUTHORIZED: &str = "{\"code\":-1,\"message\":\"unauthorized\"}";
 const NOT_FOUND: &str = "{\"code\":-1,\"message\":\"task not found...\"}";
@@ -61,6 +65,132 @@ fn bearer_tokens_are_required_when_configured() {
         request("GET", &format!("{}/readyz", server.base), &[], "").0,
         200
     );
+}
+
+#[derive(QueryableByName)]
+struct WhoAsked {
+    #[diesel(sql_type = Nullable<Text>)]
+    requested_by: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    requested_via: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    stop_requested_by: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    stop_requested_via: Option<String>,
+}
+
+/// Who ran task `id` and who asked to stop it, and through what, as plain SQL reads the row.
+pub fn who_asked(server: &TestServer, id: i64) -> [Option<String>; 4] {
+    let sql = format!(
+        "SELECT requested_by, requested_via, stop_requested_by, stop_requested_via FROM tasks WHERE id = {id}"
+    );
+    let rows: Vec<WhoAsked> = server
+        .view
+        .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?));
+    let w = rows.into_iter().next().expect("the task's row");
+    [
+        w.requested_by,
+        w.requested_via,
+        w.stop_requested_by,
+        w.stop_requested_via,
+    ]
+}
+
+/// A read token sees everything (check, getlog, every GET, /metrics) and is refused run,
+/// parallel_run and stop with HTTP 403 and a message that says why, leaving the task running; an
+/// operate token's name is what the row records as who ran the task and who stopped it, and what
+/// `GET /api/tasks/{id}` shows.
+#[test]
+fn a_read_token_only_looks_and_an_operate_token_is_recorded_by_name() {
+    let server = TestServer::start_with(Backend::Postgres, |s| {
+        s.auth_tokens = vec![NamedToken {
+            name: "orchestrator".into(),
+            sha256: hash_token("op-s3cret"),
+            role: Role::Operate,
+        }];
+        s.auth_read_token_hashes = vec![hash_token("look")];
+    });
+    let (op, look) = ("Bearer op-s3cret", "Bearer look");
+    let h = |auth: &'static str| {
+        [
+            ("X-CORRELATION-ID", "1-1"),
+            ("X-RESOURCE", "orion"),
+            ("Authorization", auth),
+        ]
+    };
+    let body = run_body("who", &[HOSTS[0]], "- command: sleep 60\n").to_string();
+    let (code, text) = server.post_with("/api/run", &h(op), &body);
+    assert_eq!(code, 200, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).unwrap()["content"]["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{text}"));
+    server.view.wait_status(id, &[2], 60);
+
+    let forbidden = (
+        403,
+        "{\"code\":-1,\"message\":\"forbidden: this token may only read; running and stopping tasks need a token with the operate role\"}".to_owned(),
+    );
+    let other = run_body("sneaky", &[HOSTS[1]], "- ping:\n").to_string();
+    assert_eq!(server.post_with("/api/run", &h(look), &other), forbidden);
+    assert_eq!(
+        server.post_with("/api/parallel_run", &h(look), &other),
+        forbidden
+    );
+    let target = json!({"id": id, "name": "who"}).to_string();
+    assert_eq!(server.post_with("/api/stop", &h(look), &target), forbidden);
+    assert_eq!(
+        server.view.task_count(),
+        1,
+        "nothing was stored for the read token"
+    );
+    assert_eq!(server.view.task(id).status, 2, "the task still runs");
+
+    // What it may do.
+    let (code, checked) = server.post_with("/api/check", &h(look), &target);
+    assert_eq!(code, 200);
+    assert!(checked.starts_with("{\"code\":0"), "{checked}");
+    assert_eq!(
+        server
+            .post_with(
+                "/api/getlog",
+                &h(look),
+                &json!({"ip": HOSTS[0]}).to_string()
+            )
+            .0,
+        200
+    );
+    for path in [
+        format!("/api/tasks/{id}"),
+        "/api/tasks".into(),
+        "/metrics".into(),
+    ] {
+        let (code, text) = request("GET", &format!("{}{path}", server.base), &h(look), "");
+        assert_eq!(code, 200, "{path}: {text}");
+    }
+
+    let (code, text) = server.post_with("/api/stop", &h(op), &target);
+    assert_eq!((code, text.as_str()), (200, "{\"code\":0,\"content\":{}}"));
+    assert_eq!(server.view.task(id).status, 5);
+    let named = |s: &str| Some(s.to_owned());
+    assert_eq!(
+        who_asked(&server, id),
+        [
+            named("orchestrator"),
+            named("api"),
+            named("orchestrator"),
+            named("api")
+        ]
+    );
+    let (_, shown) = request(
+        "GET",
+        &format!("{}/api/tasks/{id}", server.base),
+        &h(look),
+        "",
+    );
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["content"]["requested_by"], "orchestrator");
+    assert_eq!(shown["content"]["stop_requested_by"], "orchestrator");
+    assert_eq!(shown["content"]["stop_requested_via"], "api");
 }
 
 #[test]

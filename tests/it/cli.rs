@@ -168,7 +168,7 @@ fn a_database_migrated_by_a_newer_downlink_is_refused(backend: Backend) {
     )
     .unwrap();
     drop(conn);
-    let expected = "the database holds migrations this downlink does not know (29991231000000; the newest it knows is 20261202000000): a newer downlink upgraded it; run that version or a later one against it";
+    let expected = "the database holds migrations this downlink does not know (29991231000000; the newest it knows is 20261204000000): a newer downlink upgraded it; run that version or a later one against it";
     let out = migrate(&dir.0, &db.url);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains(expected), "{text}");

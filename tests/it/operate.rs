@@ -532,6 +532,21 @@ fn the_tasks_cli_lists_shows_watches_and_stops_through_the_api() {
     );
     assert_eq!(server.view.task(sleeper).status, 5);
     assert_eq!(crate::harness::task_processes(&run_dir), Vec::<i32>::new());
+    // Who ran it and who stopped it, as plain SQL reads them: the token (unnamed, so named by
+    // its hash), through the API and through the CLI.
+    let token_name = format!(
+        "token-{}",
+        &downlink::api::auth::hash_token("cli-s3cret").to_string()[..8]
+    );
+    assert_eq!(
+        crate::auth::who_asked(&server, sleeper),
+        [
+            Some(token_name.clone()),
+            Some("api".into()),
+            Some(token_name),
+            Some("cli".into())
+        ]
+    );
 
     // list: newest first, filtered by status and source, the rows' values.
     let (code, listed) = tasks_cli(&server, &token, &["list"]);

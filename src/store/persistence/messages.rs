@@ -44,6 +44,36 @@ impl Handler<InsertTask> for Persistence {
     }
 }
 
+/// Record who first asked to stop a live task, and through what. Not queued, not retried: the
+/// stop itself does not wait for it (a failure is logged).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct RecordStopRequest {
+    pub task_id: i64,
+    pub by: String,
+    pub via: String,
+}
+
+impl Handler<RecordStopRequest> for Persistence {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, msg: RecordStopRequest, _: &mut Context<Self>) -> Self::Result {
+        let pool = self.pool.clone();
+        let log = self.log.clone();
+        Box::pin(async move {
+            let id = msg.task_id;
+            let written = tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get()?;
+                store::record_stop_request(&mut conn, msg.task_id, &msg.by, &msg.via)
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())));
+            if let Err(e) = written {
+                warn!(log, "cannot record who asked to stop a task"; "task_id" => id, "error" => %e);
+            }
+        })
+    }
+}
+
 /// Record that a task's process started; answers false if the task was no longer pending.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<bool, StoreError>")]
