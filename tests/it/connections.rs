@@ -62,8 +62,11 @@ fn a_task_gets_agent_masters_for_its_first_forks_nodes_and_its_own_for_the_rest(
             .filter(|p| !p.cmdline.is_empty())
         {
             let weight = procwatch::cpu_weight_of(p.pid);
-            // None for a process that ended between the two reads says nothing.
-            if weight.is_some() || Path::new(&format!("/proc/{}", p.pid)).exists() {
+            // Only if it is still alive once its weight is read: a process that is exiting has
+            // left its cgroups (and its command line, which is read after the weight, is gone).
+            let alive =
+                std::fs::read(format!("/proc/{}/cmdline", p.pid)).is_ok_and(|c| !c.is_empty());
+            if alive {
                 weighed.insert((p.pid, p.start), (weight, p.cmdline));
             }
         }
