@@ -25,6 +25,7 @@ pub mod ansible;
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod console;
 pub mod disk;
 pub mod exec;
 pub mod logging;

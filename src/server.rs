@@ -306,6 +306,7 @@ fn serve(
             .wrap(from_fn(gate))
             .wrap(from_fn(log_requests))
             .configure(api::routes)
+            .configure(crate::console::routes)
             .configure(health::routes)
             .default_service(web::to(api::no_route))
     })

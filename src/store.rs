@@ -76,6 +76,7 @@ pub struct TaskListing {
     pub status: i32,
     pub err: Option<String>,
     pub source: String,
+    pub correlation_id: String,
     pub agent: Option<String>,
     pub created_at: NaiveDateTime,
     pub started_at: Option<NaiveDateTime>,
@@ -385,6 +386,54 @@ pub fn list_tasks(
         (None, Some(so)) => newest.filter(tasks::source.eq(so)).load(conn)?,
         (None, None) => newest.load(conn)?,
     })
+}
+
+/// Which tasks a page of the console lists.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<i32>,
+    pub source: Option<String>,
+    /// The start of the name.
+    pub name: Option<String>,
+    pub agent: Option<String>,
+    /// Only ids below this one (the keyset of the next page).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+/// The tasks a filter lets through, newest first (by id: the primary key's index is the order).
+pub fn filter_tasks(
+    conn: &mut DbConnection,
+    f: &TaskFilter,
+) -> Result<Vec<TaskListing>, StoreError> {
+    let mut q = tasks::table
+        .order(tasks::id.desc())
+        .limit(f.limit)
+        .select(TaskListing::as_select())
+        .into_boxed();
+    if let Some(s) = f.status {
+        q = q.filter(tasks::status.eq(s));
+    }
+    if let Some(s) = &f.source {
+        q = q.filter(tasks::source.eq(s.clone()));
+    }
+    if let Some(n) = &f.name {
+        let escaped: String = n
+            .chars()
+            .flat_map(|c| match c {
+                '%' | '_' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        q = q.filter(tasks::name.like(format!("{escaped}%")).escape('\\'));
+    }
+    if let Some(a) = &f.agent {
+        q = q.filter(tasks::agent.eq(a.clone()));
+    }
+    if let Some(b) = f.before {
+        q = q.filter(tasks::id.lt(b));
+    }
+    Ok(q.load(conn)?)
 }
 
 /// One task as listed, and its host rows in node order.

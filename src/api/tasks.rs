@@ -74,7 +74,7 @@ pub struct Detail<'a> {
 }
 
 /// A status given as its code (`4`) or its name (`success`).
-fn status(value: &str) -> Result<i32, ApiError> {
+pub fn status(value: &str) -> Result<i32, ApiError> {
     let by_code = value.parse::<i32>().ok().and_then(Status::from_code);
     let by_name = (1..=7)
         .filter_map(Status::from_code)

@@ -64,6 +64,18 @@ fn required_env(name: &str) -> String {
 }
 
 /// The SSH test hosts (sshd on 127.0.0.2-4) and an address where nothing listens.
+/// The contract's status names, by code (1 to 7).
+pub const STATUS_NAMES: [&str; 8] = [
+    "",
+    "pending",
+    "running",
+    "failed",
+    "success",
+    "stopped",
+    "timeout",
+    "interrupted",
+];
+
 pub const HOSTS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
 pub const DEAD: &str = "127.0.0.9";
 

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod connections;
+mod console;
 mod contract;
 mod disk;
 mod events;

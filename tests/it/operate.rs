@@ -110,15 +110,7 @@ fn metrics_after_a_mixed_run_match_the_tables(backend: Backend) {
             ("timeout".into(), 1)
         ])
     );
-    for status in [
-        "pending",
-        "running",
-        "failed",
-        "success",
-        "stopped",
-        "timeout",
-        "interrupted",
-    ] {
+    for &status in &crate::harness::STATUS_NAMES[1..] {
         let rows = by_status.get(status).copied().unwrap_or(0) as f64;
         assert_eq!(get("downlink_tasks", &format!("status={status}")), rows);
         if rows > 0.0 {
