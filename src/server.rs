@@ -126,8 +126,9 @@ pub async fn run(
         exec,
         log.clone(),
     )
-    .with_shared(shared)
-    .start();
+    .with_shared(shared);
+    let clock = supervisor.heartbeat_clock();
+    let supervisor = supervisor.start();
     let listening = listen_for_wakeups(&settings, readers.as_ref(), &supervisor, &log);
     // Handled before the listener starts, so READY=1 means the earlier tasks are adopted or
     // queued; a supervisor that cannot take the plan is a server that must not say it is ready.
@@ -166,6 +167,7 @@ pub async fn run(
     let beat = Beat {
         supervisor: supervisor.clone(),
         run_root: run_root.clone(),
+        clock,
     };
     // The agent was registered just now: a heartbeat, so the lease is fresh for adopted tasks.
     beat.renew_lease(&log).await;
@@ -452,6 +454,7 @@ fn heartbeats(
             };
             if ok {
                 renewed = started;
+                beat.clock.renewed(started);
                 beat.renew_lease(&log).await;
                 if fenced {
                     fenced = false;
@@ -467,6 +470,8 @@ fn heartbeats(
 struct Beat {
     supervisor: Addr<TaskSupervisor>,
     run_root: std::path::PathBuf,
+    /// When the heartbeat was last renewed, as the supervisor reads it before a claim.
+    clock: Arc<crate::supervisor::HeartbeatClock>,
 }
 
 impl Beat {

@@ -39,7 +39,7 @@ use admission::{Admission, Queued};
 
 pub use admission::{QueuePlace, QueueSlots};
 pub use end::{stop_err, EndOutcome, EndReason, EndTask};
-pub use fence::{Fence, Renewed};
+pub use fence::{Fence, HeartbeatClock, Renewed};
 pub use recover::Recover;
 pub use shared::{CheckStops, Claim};
 
@@ -89,6 +89,8 @@ pub struct TaskSupervisor {
     /// This agent's heartbeat is overdue: its tasks were stopped and nothing is claimed until it
     /// is renewed (`fence.rs`).
     fenced: bool,
+    /// When the heartbeat was last renewed (written by the heartbeat loop).
+    heartbeat: Arc<fence::HeartbeatClock>,
     /// Shared with every TaskActor: set at shutdown, so actors dropped with the server leave their
     /// processes to the next start.
     shutting_down: Arc<AtomicBool>,
@@ -122,9 +124,15 @@ impl TaskSupervisor {
             claim_failing: false,
             reaping: Default::default(),
             fenced: false,
+            heartbeat: Arc::default(),
             shutting_down: Arc::new(AtomicBool::new(false)),
             exec,
         }
+    }
+
+    /// The clock the heartbeat loop keeps (claims wait while it is overdue).
+    pub fn heartbeat_clock(&self) -> Arc<fence::HeartbeatClock> {
+        self.heartbeat.clone()
     }
 
     /// With the shared queue: claims are made from the table.

@@ -13,12 +13,49 @@
 //! - **Ended elsewhere**: at every heartbeat it asks which of its tasks another agent has ended
 //!   meanwhile, and kills what is left of them at once ([`TaskSupervisor::check_ended_elsewhere`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use actix::prelude::*;
 use slog::{info, warn};
 
 use super::end::{EndReason, EndTask};
 use super::TaskSupervisor;
 use crate::cluster::claim;
+
+/// When this agent's heartbeat was last renewed, shared by the heartbeat loop (which writes it)
+/// and the supervisor (which claims nothing while it is older than `fence_after`). The loop's
+/// [`Fence`] comes at its next tick; a thawed agent could otherwise claim a task first and then
+/// fence it, or claim while other agents still read it as lost.
+#[derive(Debug)]
+pub struct HeartbeatClock {
+    origin: Instant,
+    renewed_ms: AtomicU64,
+}
+
+impl Default for HeartbeatClock {
+    fn default() -> Self {
+        HeartbeatClock {
+            origin: Instant::now(),
+            renewed_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl HeartbeatClock {
+    /// A renewal that started at `at`.
+    pub fn renewed(&self, at: Instant) {
+        let ms = u64::try_from(at.saturating_duration_since(self.origin).as_millis())
+            .unwrap_or(u64::MAX);
+        self.renewed_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// How long since the last renewal.
+    pub fn silent(&self) -> Duration {
+        let at = self.origin + Duration::from_millis(self.renewed_ms.load(Ordering::SeqCst));
+        at.elapsed()
+    }
+}
 
 /// This agent's heartbeat has not been renewed for `fence_after`: stop every task here.
 #[derive(Message)]
@@ -110,5 +147,22 @@ impl TaskSupervisor {
             }
             Err(e) => warn!(act.log, "cannot ask which tasks other agents have ended"; "error" => %e),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_reads_the_newest_renewal() {
+        let clock = HeartbeatClock::default();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(clock.silent() >= Duration::from_millis(30));
+        clock.renewed(Instant::now());
+        assert!(clock.silent() < Duration::from_millis(30));
+        // A renewal that started earlier (a slow one finishing late) does not turn it back.
+        clock.renewed(clock.origin);
+        assert!(clock.silent() < Duration::from_millis(30));
     }
 }

@@ -86,6 +86,10 @@ impl TaskSupervisor {
         if self.closing || self.fenced || self.claiming || !self.admission.is_empty() {
             return;
         }
+        if self.heartbeat.silent() > self.settings.fence_after() {
+            // Overdue (just thawed, say): the heartbeat loop fences, then renews; claims wait.
+            return;
+        }
         let room = Room {
             free: self.admission.free(),
             max_forks: self.admission.max(),
