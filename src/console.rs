@@ -10,20 +10,34 @@
 //!   output (the events' `stdout`), for the whole task or one host (`host=<ip>`).
 
 pub mod assets;
+mod gate;
 mod list;
+mod login;
+pub mod session;
+mod stop;
 mod task;
+
+pub use session::Sessions;
 
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpResponse};
 
 use crate::api::ApiError;
 
-/// The console's routes.
+/// The console's routes, behind its gate (a session, or the login).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ui", web::get().to(to_list))
-        .route("/ui/", web::get().to(list::page))
-        .route("/ui/tasks/{id}", web::get().to(task::page))
-        .route("/ui/assets/{name}", web::get().to(assets::serve));
+    cfg.route("/ui", web::get().to(to_list)).service(
+        web::scope("/ui")
+            .wrap(actix_web::middleware::from_fn(gate::gate))
+            .route("/", web::get().to(list::page))
+            .route("/login", web::get().to(login::form))
+            .route("/login", web::post().to(login::login))
+            .route("/logout", web::post().to(login::logout))
+            .route("/tasks/{id}", web::get().to(task::page))
+            .route("/tasks/{id}/stop", web::get().to(stop::confirm))
+            .route("/tasks/{id}/stop", web::post().to(stop::stop))
+            .route("/assets/{name}", web::get().to(assets::serve)),
+    );
 }
 
 async fn to_list() -> HttpResponse {

@@ -301,9 +301,11 @@ fn serve(
     listener: TcpListener,
 ) -> std::io::Result<(ServerHandle, Serving)> {
     let tls = tls::tls_config(settings).map_err(std::io::Error::other)?;
+    let sessions = web::Data::new(crate::console::Sessions::default());
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(sessions.clone())
             // The last wrapped runs first: every answer is logged, refusals included.
             .wrap(from_fn(gate))
             .wrap(from_fn(log_requests))

@@ -43,6 +43,14 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The caller when the server asks for no token.
+    pub fn local() -> Identity {
+        Identity {
+            name: LOCAL.to_owned(),
+            role: Role::Operate,
+        }
+    }
+
     /// Whether this caller may run and stop tasks.
     pub fn may_operate(&self) -> bool {
         self.role == Role::Operate
@@ -61,8 +69,13 @@ pub enum Refusal {
 /// Whether a call runs or stops tasks, which only `operate` tokens may.
 pub fn operates(method: &actix_web::http::Method, path: &str) -> bool {
     *method == actix_web::http::Method::POST
-        && (matches!(path, "/api/run" | "/api/parallel_run" | "/api/stop")
-            || (path.starts_with("/ui/tasks/") && path.ends_with("/stop")))
+        && matches!(path, "/api/run" | "/api/parallel_run" | "/api/stop")
+}
+
+/// Whether a path is the console's, which takes a token at its login and then a session cookie
+/// (the allow-list still applies first).
+pub fn is_console(path: &str) -> bool {
+    path == "/ui" || path.starts_with("/ui/")
 }
 
 /// Why the access rules could not be built.
@@ -173,20 +186,23 @@ impl Access {
         peer: Option<IpAddr>,
         authorization: Option<&[u8]>,
     ) -> Result<Identity, Refusal> {
-        if !self.networks.is_empty() {
-            let inside = peer.is_some_and(|ip| self.networks.iter().any(|n| contains(n, ip)));
-            if !inside {
-                return Err(Refusal::Network);
-            }
-        }
+        self.check_network(peer)?;
         if self.tokens.is_empty() {
-            return Ok(Identity {
-                name: LOCAL.to_owned(),
-                role: Role::Operate,
-            });
+            return Ok(Identity::local());
         }
         let token = authorization.and_then(bearer).ok_or(Refusal::Token)?;
         self.token(token).ok_or(Refusal::Token)
+    }
+
+    /// Checks only the allow-list (the console then asks for a token itself).
+    pub fn check_network(&self, peer: Option<IpAddr>) -> Result<(), Refusal> {
+        if self.networks.is_empty()
+            || peer.is_some_and(|ip| self.networks.iter().any(|n| contains(n, ip)))
+        {
+            Ok(())
+        } else {
+            Err(Refusal::Network)
+        }
     }
 
     /// The caller a presented token stands for, if it is one of ours.

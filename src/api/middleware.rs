@@ -11,7 +11,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, Error, HttpMessage, ResponseError};
 use slog::{info, warn};
 
-use super::auth::{operates, OPEN_PATHS};
+use super::auth::{is_console, operates, OPEN_PATHS};
 use super::{ApiError, AppState, ErrorMessage};
 
 /// Refuses a caller without a valid token or from outside the allow-list; `/healthz`, `/readyz`
@@ -31,20 +31,26 @@ pub async fn gate(
     if !open {
         let peer = req.peer_addr().map(|a| a.ip());
         let authz = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-        match state.access.check(peer, authz) {
+        let checked = if is_console(path) {
+            state.access.check_network(peer).map(|()| None)
+        } else {
+            state.access.check(peer, authz).map(Some)
+        };
+        match checked {
             Err(why) => {
                 warn!(state.log, "refused a caller"; "peer" => req.peer_addr().map(|a| a.to_string()),
                       "path" => path.to_owned(), "reason" => format!("{why:?}"));
                 let res = ApiError::Unauthorized(why).error_response();
                 return Ok(req.into_response(res).map_into_right_body());
             }
-            Ok(who) if !who.may_operate() && operates(req.method(), path) => {
+            Ok(None) => {}
+            Ok(Some(who)) if !who.may_operate() && operates(req.method(), path) => {
                 warn!(state.log, "refused a read token"; "token" => &who.name,
                       "path" => path.to_owned());
                 let res = ApiError::ReadOnly.error_response();
                 return Ok(req.into_response(res).map_into_right_body());
             }
-            Ok(who) => {
+            Ok(Some(who)) => {
                 req.extensions_mut().insert(who);
             }
         }

@@ -38,10 +38,16 @@ struct Page {
     agent: String,
     /// The next (older) page's URL.
     next: Option<String>,
+    form_token: String,
+    logged_in: bool,
 }
 
 /// GET /ui/
-pub async fn page(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn page(
+    state: web::Data<AppState>,
+    session: web::ReqData<super::session::Session>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let mut filter = TaskFilter {
         limit: PAGE + 1,
         ..TaskFilter::default()
@@ -104,6 +110,8 @@ pub async fn page(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
             name: filter.name.unwrap_or_default(),
             agent: filter.agent.unwrap_or_default(),
             next,
+            form_token: session.form_token.clone(),
+            logged_in: state.access.wants_token(),
         }
         .render(),
     )

@@ -54,6 +54,11 @@ struct Page {
     output: String,
     /// Whether older events were left out of `output`.
     cut: bool,
+    /// Whether this session may stop the task now (it is live, the token operates).
+    may_stop: bool,
+    /// The session's form token (the logout form), and whether it logged in with a token.
+    form_token: String,
+    logged_in: bool,
 }
 
 /// The facts a task's page lists.
@@ -106,7 +111,11 @@ fn output(events: &[NewEvent], only: Option<&str>) -> (String, bool) {
 }
 
 /// GET /ui/tasks/{id}
-pub async fn page(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn page(
+    state: web::Data<AppState>,
+    session: web::ReqData<super::session::Session>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let id = path_id(&req)?;
     let only = url::form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, v)| k == "host" && !v.is_empty())
@@ -126,8 +135,12 @@ pub async fn page(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         ));
     };
     let (output, cut) = output(&events, only.as_deref());
+    let live = crate::status::Status::from_code(task.status).is_some_and(|s| !s.is_terminal());
     html(
         Page {
+            may_stop: live && session.who.may_operate(),
+            form_token: session.form_token.clone(),
+            logged_in: state.access.wants_token(),
             css: super::assets::CSS,
             id: task.id,
             status: status_name(task.status),

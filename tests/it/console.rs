@@ -304,3 +304,245 @@ fn a_task_page_shows_each_hosts_counters_and_ansibles_own_output() {
         "{missing}"
     );
 }
+
+/// An answer of the console: status, the `Location` and `Set-Cookie` headers, the body.
+struct Answer {
+    status: u16,
+    location: String,
+    cookie: String,
+    body: String,
+}
+
+/// A browser's request as far as the console can tell: no redirects followed, the cookie and
+/// the `Origin` it is given, a form body when there is one.
+fn browse(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    cookie: &str,
+    origin: Option<&str>,
+    form: Option<&str>,
+) -> Answer {
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let mut req = agent.request(method, &format!("{}{path}", server.base));
+    if !cookie.is_empty() {
+        req = req.set("Cookie", cookie);
+    }
+    if let Some(o) = origin {
+        req = req.set("Origin", o);
+    }
+    let res = match form {
+        Some(f) => req
+            .set("Content-Type", "application/x-www-form-urlencoded")
+            .send_string(f),
+        None => req.call(),
+    };
+    let res = match res {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    Answer {
+        status: res.status(),
+        location: res.header("Location").unwrap_or_default().to_owned(),
+        cookie: res.header("Set-Cookie").unwrap_or_default().to_owned(),
+        body: res.into_string().unwrap_or_default(),
+    }
+}
+
+/// The `name=value` of a `Set-Cookie`, to send back.
+fn cookie_of(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap_or_default().to_owned()
+}
+
+/// The form token a page carries.
+fn form_token(page: &str) -> String {
+    let at = page
+        .find("name=\"form_token\" value=\"")
+        .expect("a form token");
+    page[at + 25..].split('"').next().unwrap().to_owned()
+}
+
+/// With tokens configured: no session, no data; a wrong token, the login again; a read token sees
+/// the pages and cannot stop; an operate token stops a running task from its page after a
+/// confirmation, recorded as the token's name through the console, and only with the session's
+/// form token from this server's own origin; a logout ends the session.
+#[test]
+fn the_console_logs_in_with_a_token_and_only_an_operate_session_stops() {
+    use downlink::api::auth::hash_token;
+    let server = TestServer::start_with(Backend::Sqlite, |s| {
+        s.auth_tokens = vec![downlink::settings::NamedToken {
+            name: "ops".into(),
+            sha256: hash_token("ops-s3cret"),
+            role: downlink::settings::Role::Operate,
+        }];
+        s.auth_read_token_hashes = vec![hash_token("look")];
+    });
+    let auth = [
+        ("X-CORRELATION-ID", "1-1"),
+        ("X-RESOURCE", "orion"),
+        ("Authorization", "Bearer ops-s3cret"),
+    ];
+    let body = run_body("long", &[HOSTS[0]], "- command: sleep 60\n").to_string();
+    let (code, text) = server.post_with("/api/run", &auth, &body);
+    assert_eq!(code, 200, "{text}");
+    let id: i64 = serde_json::from_str::<serde_json::Value>(&text).unwrap()["content"]["id"]
+        .as_i64()
+        .unwrap();
+    server.wait_status(id, &[2], 60);
+    let page = format!("/ui/tasks/{id}");
+
+    // No session: the login, and no data.
+    for path in ["/ui/", page.as_str()] {
+        let a = browse(&server, "GET", path, "", None, None);
+        assert_eq!(
+            (a.status, a.location.as_str()),
+            (303, "/ui/login"),
+            "{path}"
+        );
+        assert!(!a.body.contains("data-task-id") && !a.body.contains("long"));
+    }
+    let login = browse(&server, "GET", "/ui/login", "", None, None);
+    assert!(login.body.contains("name=\"token\""), "{}", login.body);
+    let wrong = browse(&server, "POST", "/ui/login", "", None, Some("token=nope"));
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.cookie.is_empty() && wrong.body.contains("name=\"token\""));
+    assert!(
+        browse(
+            &server,
+            "GET",
+            "/ui/",
+            "downlink_session=forged",
+            None,
+            None
+        )
+        .status
+            == 303
+    );
+
+    // A read session sees, and cannot stop.
+    let read = browse(&server, "POST", "/ui/login", "", None, Some("token=look"));
+    assert_eq!((read.status, read.location.as_str()), (303, "/ui/"));
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui", "Max-Age="] {
+        assert!(read.cookie.contains(attr), "{attr}: {}", read.cookie);
+    }
+    let reader = cookie_of(&read.cookie);
+    let list = browse(&server, "GET", "/ui/", &reader, None, None);
+    assert_eq!(list.status, 200);
+    assert!(list.body.contains(&format!("data-task-id=\"{id}\"")));
+    let shown = browse(&server, "GET", &page, &reader, None, None);
+    assert!(
+        !shown.body.contains("data-action=\"stop\""),
+        "no stop button for a read token"
+    );
+    let token = form_token(&shown.body);
+    let tried = browse(
+        &server,
+        "POST",
+        &format!("{page}/stop"),
+        &reader,
+        None,
+        Some(&format!("form_token={token}")),
+    );
+    assert_eq!(tried.status, 403);
+    assert_eq!(server.view.task(id).status, 2, "still running");
+
+    // An operate session: the button, the confirmation, and a stop only from our own page.
+    let op = browse(
+        &server,
+        "POST",
+        "/ui/login",
+        "",
+        None,
+        Some("token=ops-s3cret"),
+    );
+    let operator = cookie_of(&op.cookie);
+    let shown = browse(&server, "GET", &page, &operator, None, None);
+    assert!(shown.body.contains("data-action=\"stop\""));
+    let confirm = browse(
+        &server,
+        "GET",
+        &format!("{page}/stop"),
+        &operator,
+        None,
+        None,
+    );
+    assert!(confirm.body.contains("data-action=\"stop\""));
+    let token = form_token(&confirm.body);
+    let stop = format!("{page}/stop");
+    let forged = browse(
+        &server,
+        "POST",
+        &stop,
+        &operator,
+        None,
+        Some("form_token=forged"),
+    );
+    assert_eq!(forged.status, 403, "another page's form");
+    let elsewhere = browse(
+        &server,
+        "POST",
+        &stop,
+        &operator,
+        Some("http://evil.example"),
+        Some(&format!("form_token={token}")),
+    );
+    assert_eq!(elsewhere.status, 403, "another origin");
+    let cookieless = browse(
+        &server,
+        "POST",
+        &stop,
+        "",
+        Some("http://evil.example"),
+        Some(&format!("form_token={token}")),
+    );
+    assert_eq!(
+        cookieless.status, 401,
+        "a cross-site post carries no SameSite=Strict cookie"
+    );
+    assert_eq!(server.view.task(id).status, 2, "none of those stopped it");
+    let origin = server.base.clone();
+    let done = browse(
+        &server,
+        "POST",
+        &stop,
+        &operator,
+        Some(&origin),
+        Some(&format!("form_token={token}")),
+    );
+    assert_eq!((done.status, done.location.as_str()), (303, page.as_str()));
+    assert_eq!(server.view.task(id).status, 5);
+    assert_eq!(
+        crate::auth::who_asked(&server, id),
+        [
+            Some("ops".into()),
+            Some("api".into()),
+            Some("ops".into()),
+            Some("console".into())
+        ]
+    );
+    let after = browse(&server, "GET", &page, &operator, None, None);
+    assert!(
+        after.body.contains("data-field=\"status\">stopped"),
+        "the page says so"
+    );
+
+    // Logout ends the session.
+    let out = browse(
+        &server,
+        "POST",
+        "/ui/logout",
+        &operator,
+        Some(&origin),
+        Some(&format!("form_token={}", form_token(&after.body))),
+    );
+    assert_eq!((out.status, out.location.as_str()), (303, "/ui/login"));
+    assert_eq!(
+        browse(&server, "GET", "/ui/", &operator, None, None).status,
+        303
+    );
+    assert_eq!(
+        browse(&server, "GET", "/ui/", &reader, None, None).status,
+        200,
+        "other sessions go on"
+    );
+}
