@@ -21,10 +21,16 @@ type Outcome = (
     Vec<(String, Option<String>, [i32; 7], Option<String>)>,
 );
 
+/// A task's end as far as two runs of it can agree: ansible's own words for an unreachable host
+/// differ from run to run (`Connection refused` or `Broken pipe`, quoted one way or the other, as
+/// ssh happened to fail), so `err` keeps its part before ansible's message, and a host's `msg`
+/// only whether there is one.
 fn outcome(task: &Task, hosts: &[HostRow]) -> Outcome {
     (
         task.status,
-        task.err.clone(),
+        task.err
+            .as_deref()
+            .map(|e| e.split(" (").next().unwrap_or(e).to_owned()),
         hosts
             .iter()
             .map(|h| {
@@ -40,7 +46,7 @@ fn outcome(task: &Task, hosts: &[HostRow]) -> Outcome {
                         h.rescued,
                         h.ignored,
                     ],
-                    h.msg.clone(),
+                    h.msg.as_ref().map(|_| "a message".to_owned()),
                 )
             })
             .collect(),
