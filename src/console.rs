@@ -8,9 +8,11 @@
 //!   keyset pages (`before=<id>`), pending ones with what they wait for.
 //! - `/ui/tasks/{id}` ([`task`]): a task, its hosts' counters and results, and ansible's own
 //!   output (the events' `stdout`), for the whole task or one host (`host=<ip>`).
+//! - `/ui/hosts/{ip}` ([`host`]): every task that ran on a host, with its result there.
 
 pub mod assets;
 mod gate;
+mod host;
 mod list;
 mod login;
 pub mod session;
@@ -34,6 +36,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/login", web::post().to(login::login))
             .route("/logout", web::post().to(login::logout))
             .route("/tasks/{id}", web::get().to(task::page))
+            .route("/hosts/{ip}", web::get().to(host::page))
             .route("/tasks/{id}/stop", web::get().to(stop::confirm))
             .route("/tasks/{id}/stop", web::post().to(stop::stop))
             .route("/assets/{name}", web::get().to(assets::serve)),

@@ -543,6 +543,41 @@ pub fn events_after(
     Ok(EventPage { task, events })
 }
 
+/// A host's records over every task, newest task first (task ids below `before`, if given; a task
+/// has one record per host), at most `limit`, each with its task's name and status.
+pub fn host_history(
+    conn: &mut DbConnection,
+    host: &str,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<(HostRow, String, i32)>, StoreError> {
+    let mut q = task_hosts::table
+        .filter(task_hosts::host.eq(host.to_owned()))
+        .order(task_hosts::task_id.desc())
+        .limit(limit)
+        .select(HostRow::as_select())
+        .into_boxed();
+    if let Some(b) = before {
+        q = q.filter(task_hosts::task_id.lt(b));
+    }
+    let rows: Vec<HostRow> = q.load(conn)?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.task_id).collect();
+    let tasks: std::collections::HashMap<i64, (String, i32)> = tasks::table
+        .filter(tasks::id.eq_any(ids))
+        .select((tasks::id, tasks::name, tasks::status))
+        .load::<(i64, String, i32)>(conn)?
+        .into_iter()
+        .map(|(id, name, status)| (id, (name, status)))
+        .collect();
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let (name, status) = tasks.get(&r.task_id).cloned().unwrap_or_default();
+            (r, name, status)
+        })
+        .collect())
+}
+
 /// The newest `limit` records of `host` for tasks from `source`, oldest first.
 pub fn host_log(
     conn: &mut DbConnection,

@@ -20,20 +20,25 @@ struct Host {
     msg: String,
 }
 
+/// A host row's counters, named as the pages' `data-counter` hooks name them.
+pub(super) fn counters(h: &HostRow) -> [(&'static str, i32); 7] {
+    [
+        ("ok", h.ok),
+        ("changed", h.changed),
+        ("failed", h.failed),
+        ("skipped", h.skipped),
+        ("unreachable", h.unreachable),
+        ("rescued", h.rescued),
+        ("ignored", h.ignored),
+    ]
+}
+
 impl Host {
     fn of(h: &HostRow) -> Host {
         Host {
             host: h.host.clone(),
             result: h.result.clone().unwrap_or_else(|| "running".into()),
-            counters: [
-                ("ok", h.ok),
-                ("changed", h.changed),
-                ("failed", h.failed),
-                ("skipped", h.skipped),
-                ("unreachable", h.unreachable),
-                ("rescued", h.rescued),
-                ("ignored", h.ignored),
-            ],
+            counters: counters(h),
             msg: h.msg.clone().unwrap_or_default(),
         }
     }

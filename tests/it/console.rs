@@ -546,3 +546,53 @@ fn the_console_logs_in_with_a_token_and_only_an_operate_session_stops() {
         "other sessions go on"
     );
 }
+
+#[derive(QueryableByName, Debug)]
+struct HostResult {
+    #[diesel(sql_type = BigInt)]
+    task_id: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    result: Option<String>,
+    #[diesel(sql_type = Integer)]
+    failed: i32,
+}
+
+/// A host's page lists every task that ran there, newest first, with the host's result in each,
+/// as its rows hold them; a host nothing ran on says so.
+#[test]
+fn a_hosts_page_lists_every_task_that_ran_there() {
+    let server = TestServer::start(Backend::Sqlite);
+    let ok = server.run(run_body("here-ok", &[HOSTS[0], HOSTS[1]], "- ping:\n"));
+    let bad = server.run(run_body("here-bad", &[HOSTS[0]], "- command: \"false\"\n"));
+    let elsewhere = server.run(run_body("elsewhere", &[HOSTS[2]], "- ping:\n"));
+    for id in [ok, bad, elsewhere] {
+        server.wait_end(id, 60);
+    }
+    let (code, page) = get(&server, &format!("/ui/hosts/{}", HOSTS[0]));
+    assert_eq!(code, 200);
+    let sql = format!(
+        "SELECT task_id, result, failed FROM task_hosts WHERE host = '{}' ORDER BY task_id DESC",
+        HOSTS[0]
+    );
+    let truth: Vec<HostResult> = server
+        .view
+        .read(move |c| Ok(diesel::sql_query(sql.clone()).load(c)?));
+    let shown = rows(&page, "data-task-id");
+    let ids: Vec<i64> = shown.iter().map(|(id, _)| id.parse().unwrap()).collect();
+    assert_eq!(ids, truth.iter().map(|t| t.task_id).collect::<Vec<_>>());
+    assert_eq!(
+        ids,
+        [bad, ok],
+        "newest first, and not the task of another host"
+    );
+    for ((_, row), t) in shown.iter().zip(&truth) {
+        assert_eq!(cell(row, "data-field", "result"), t.result);
+        assert_eq!(
+            cell(row, "data-counter", "failed"),
+            Some(t.failed.to_string())
+        );
+    }
+    let (_, none) = get(&server, "/ui/hosts/10.9.9.9");
+    assert!(rows(&none, "data-task-id").is_empty());
+    assert!(text(&none).contains("No task has run on this host."));
+}
