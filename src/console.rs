@@ -99,8 +99,3 @@ fn error_page(status: actix_web::http::StatusCode, title: &str, message: &str) -
         Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
     }
 }
-
-/// A status's name and the class the page colours it with.
-fn status_name(code: i32) -> &'static str {
-    crate::status::Status::from_code(code).map_or("unknown", crate::status::Status::name)
-}

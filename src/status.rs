@@ -48,6 +48,16 @@ impl Status {
         }
     }
 
+    /// The name of a stored code (`unknown` for a code this build does not know).
+    pub fn name_of(code: i32) -> &'static str {
+        Status::from_code(code).map_or("unknown", Status::name)
+    }
+
+    /// Whether a stored code is pending or running.
+    pub fn is_live(code: i32) -> bool {
+        Status::LIVE.contains(&code)
+    }
+
     /// Whether the status never changes again.
     pub fn is_terminal(self) -> bool {
         !matches!(self, Status::Pending | Status::Running)

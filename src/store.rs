@@ -366,29 +366,7 @@ pub fn tasks_with_status(
     })
 }
 
-/// The newest `limit` tasks, of this status and source if given, newest first.
-pub fn list_tasks(
-    conn: &mut DbConnection,
-    status: Option<i32>,
-    source: Option<&str>,
-    limit: i64,
-) -> Result<Vec<TaskListing>, StoreError> {
-    let newest = tasks::table
-        .order(tasks::id.desc())
-        .limit(limit)
-        .select(TaskListing::as_select());
-    Ok(match (status, source) {
-        (Some(st), Some(so)) => newest
-            .filter(tasks::status.eq(st))
-            .filter(tasks::source.eq(so))
-            .load(conn)?,
-        (Some(st), None) => newest.filter(tasks::status.eq(st)).load(conn)?,
-        (None, Some(so)) => newest.filter(tasks::source.eq(so)).load(conn)?,
-        (None, None) => newest.load(conn)?,
-    })
-}
-
-/// Which tasks a page of the console lists.
+/// Which tasks a list shows (`GET /api/tasks`, the console's pages).
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
     pub status: Option<i32>,

@@ -48,7 +48,7 @@ impl TaskItem {
             id: t.id,
             name: t.name,
             status: t.status,
-            status_name: Cow::Borrowed(Status::from_code(t.status).map_or("unknown", Status::name)),
+            status_name: Cow::Borrowed(Status::name_of(t.status)),
             source: t.source,
             agent: t.agent,
             nodes,
@@ -108,7 +108,13 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         }
     }
     let rows = read_store(&state, &state.log, move |c| {
-        store::list_tasks(c, by_status, source.as_deref(), limit)
+        let filter = store::TaskFilter {
+            status: by_status,
+            source,
+            limit,
+            ..store::TaskFilter::default()
+        };
+        store::filter_tasks(c, &filter)
     })
     .await?;
     Ok(success(

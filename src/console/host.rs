@@ -4,8 +4,9 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use askama::Template;
 
-use super::{html, status_name};
+use super::html;
 use crate::api::{read_store, ApiError, AppState};
+use crate::status::Status;
 use crate::store;
 
 /// Records on a page.
@@ -61,7 +62,7 @@ pub async fn page(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         .map(|(h, task, status)| Row {
             task_id: h.task_id,
             task,
-            task_status: status_name(status),
+            task_status: Status::name_of(status),
             source: h.source.clone(),
             result: h.result.clone().unwrap_or_else(|| "running".into()),
             counters: super::task::counters(&h),

@@ -5,8 +5,9 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use askama::Template;
 
-use super::{html, status_name};
+use super::html;
 use crate::api::{read_store, ApiError, AppState};
+use crate::status::Status;
 use crate::store::{self, TaskFilter};
 use crate::supervisor::WhereInQueue;
 
@@ -80,7 +81,7 @@ pub async fn page(
     };
     let mut rows = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let status = status_name(t.status);
+        let status = Status::name_of(t.status);
         let note = if t.status == crate::status::Status::Pending.code() {
             waiting_for(&state, t.id).await
         } else {
@@ -97,13 +98,13 @@ pub async fn page(
             note,
         });
     }
-    let chosen = filter.status.map(status_name);
+    let chosen = filter.status.map(Status::name_of);
     html(
         Page {
             css: super::assets::CSS,
             rows,
             statuses: (1..=7)
-                .map(status_name)
+                .map(Status::name_of)
                 .map(|s| (s, Some(s) == chosen))
                 .collect(),
             source: filter.source.unwrap_or_default(),
@@ -132,7 +133,7 @@ async fn waiting_for(state: &AppState, id: i64) -> String {
 fn page_url(f: &TaskFilter, before: i64) -> String {
     let mut q = url::form_urlencoded::Serializer::new(String::new());
     if let Some(s) = f.status {
-        q.append_pair("status", status_name(s));
+        q.append_pair("status", Status::name_of(s));
     }
     for (key, value) in [
         ("source", &f.source),

@@ -36,7 +36,7 @@ fn read_only() -> HttpResponse {
 async fn live_name(state: &AppState, id: i64) -> Result<Option<String>, ApiError> {
     let found = read_store(state, &state.log, move |c| store::task_detail(c, id)).await?;
     Ok(found
-        .filter(|(t, _)| Status::from_code(t.status).is_some_and(|s| !s.is_terminal()))
+        .filter(|(t, _)| Status::is_live(t.status))
         .map(|(t, _)| t.name))
 }
 

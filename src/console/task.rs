@@ -5,8 +5,9 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use askama::Template;
 
-use super::{html, status_name};
+use super::html;
 use crate::api::{path_id, read_store, ApiError, AppState};
+use crate::status::Status;
 use crate::store::{self, HostRow, NewEvent, TaskListing};
 
 /// Most events whose text one page shows (the newest); the stream has all of them.
@@ -140,7 +141,7 @@ pub async fn page(
         ));
     };
     let (output, cut) = output(&events, only.as_deref());
-    let live = crate::status::Status::from_code(task.status).is_some_and(|s| !s.is_terminal());
+    let live = Status::is_live(task.status);
     html(
         Page {
             may_stop: live && session.who.may_operate(),
@@ -148,7 +149,7 @@ pub async fn page(
             logged_in: state.access.wants_token(),
             css: super::assets::CSS,
             id: task.id,
-            status: status_name(task.status),
+            status: Status::name_of(task.status),
             facts: facts(&task),
             name: task.name,
             hosts: hosts.iter().map(Host::of).collect(),
